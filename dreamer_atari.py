@@ -1,0 +1,767 @@
+"""Dreamer (V1 / V2) on Atari in one file: world model, actor-critic in imagination, and the training loop.
+
+    python dreamer_atari.py --env SpaceInvaders             # DreamerV2 (discrete latents, KL balancing)
+    python dreamer_atari.py --env Pong --preset v1          # DreamerV1 (Gaussian latents, free nats)
+
+Units: a *policy step* is one agent decision in one env; with action repeat 4 it spans 4 emulator *frames*.
+`global_step` counts policy steps summed over all envs. Sections follow the data flow: args, environment,
+replay buffer, networks, world model, actor-critic, agent, main loop.
+Papers: DreamerV1 arXiv 1912.01603, DreamerV2 arXiv 2010.02193 (equation numbers below refer to them).
+"""
+
+import copy
+import dataclasses
+import datetime
+import difflib
+import os
+import random
+import re
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+import gymnasium as gym
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from torch.utils.tensorboard import SummaryWriter
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Args
+# ----------------------------------------------------------------------------------------------------------------
+@dataclass
+class Args:
+    """Train a Dreamer agent. Units: a policy step is one agent decision in one env; on Atari it spans 4 emulator
+    frames (action repeat). Step counts below are policy steps summed over envs unless they say frames."""
+
+    # Fields whose default is None take their value from --preset (see PRESETS); an explicit value always wins.
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run folder name)"""
+    seed: int = 1
+    """seed of the experiment (torch, numpy, python and the environments)"""
+    torch_deterministic: bool = True
+    """if toggled, sets `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, use CUDA when it is available (otherwise the CPU)"""
+    track: bool = False
+    """if toggled, log to Weights and Biases (mirrors TensorBoard; works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "dreamer_atari"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """record videos of the agent (not available yet: tracked in the watch/evaluate issue)"""
+    save_model: bool = False
+    """save the agent to `runs/{run_name}/{exp_name}.cleanrl_model` at the end (and on Ctrl-C)"""
+
+    env: str = "SpaceInvaders"
+    """Atari game (`SpaceInvaders`, `Breakout`, `ALE/Pong-v5`, `ms_pacman`) or any registered gymnasium id with
+    64x64 image observations and discrete actions"""
+    total_steps: int = 1_000_000
+    """total policy steps, summed over envs (frames = 4 x policy steps on Atari)"""
+    num_envs: int = 1
+    """number of parallel environments"""
+    sticky_actions: float = 0.25
+    """probability that the emulator repeats the previous action (0.25: DreamerV2/Machado protocol; 0: Atari-100k)"""
+    noop_max: int = 30
+    """maximum number of no-op actions at the start of each episode"""
+    max_episode_frames: int = 108_000
+    """episode cap in emulator frames (27,000 policy steps); reaching it is a truncation, not a terminal"""
+
+    preset: Literal["v1", "v2"] = "v2"
+    """v2: DreamerV2 (32x32 categorical latents, KL balancing); v1: DreamerV1 (Gaussian latents, free nats)"""
+    discrete_latents: bool = None  # type: ignore[assignment]
+    """categorical (straight-through) stochastic state instead of a Gaussian one"""
+    kl_balance: float = None  # type: ignore[assignment]
+    """KL balancing alpha: the prior's share of the KL gradient; 0 disables balancing (plain KL[q||p])"""
+    kl_scale: float = None  # type: ignore[assignment]
+    """weight of the KL term in the world-model loss"""
+    free_nats: float = None  # type: ignore[assignment]
+    """free nats: each KL term is clipped from below at this value after averaging over the batch"""
+    deter_size: int = None  # type: ignore[assignment]
+    """size of the deterministic (GRU) state"""
+    hidden_size: int = None  # type: ignore[assignment]
+    """size of the hidden layers inside the RSSM"""
+    stoch_size: int = None  # type: ignore[assignment]
+    """number of stochastic variables (categoricals, or Gaussian dimensions)"""
+    classes: int = 32
+    """classes per categorical variable (discrete latents only)"""
+    cnn_depth: int = None  # type: ignore[assignment]
+    """channels of the first conv layer; they double in each of the 4 layers"""
+    mlp_units: int = 400
+    """units per hidden layer of the reward, continue, actor and critic MLPs"""
+    mlp_layers: int = 4
+    """hidden layers of those MLPs"""
+    lr_model: float = None  # type: ignore[assignment]
+    """world-model learning rate"""
+    lr_actor: float = None  # type: ignore[assignment]
+    """actor learning rate"""
+    lr_critic: float = None  # type: ignore[assignment]
+    """critic learning rate"""
+    gamma: float = None  # type: ignore[assignment]
+    """discount factor"""
+    return_lambda: float = 0.95
+    """lambda of the lambda-return"""
+    entropy: float = 1e-3
+    """actor entropy bonus scale (eta)"""
+    actor_grad: Literal["reinforce", "dynamics"] = "reinforce"
+    """actor gradient: REINFORCE with the slow critic as baseline, or backpropagation through the learned dynamics"""
+    slow_critic_every: int = 100
+    """copy the critic into the slow target critic every this many updates"""
+    grad_clip: float = 100.0
+    """global gradient-norm clip for every optimizer"""
+    weight_decay: float = 1e-6
+    """decoupled weight decay per update on weight matrices (DreamerV2 shrinks them by (1 - wd) each step)"""
+
+    batch_size: int = 16
+    """sequences per training batch"""
+    seq_len: int = 50
+    """policy steps per sequence (one truncated-BPTT chunk)"""
+    horizon: int = 15
+    """imagination horizon in policy steps"""
+    prefill: int = 5_000
+    """random-action policy steps (summed over envs) before training starts (DreamerV2 used 50,000)"""
+    train_every: int = 16
+    """one update per this many policy steps (summed over envs); train ratio = batch x seq / train_every"""
+    buffer_size: int = 1_000_000
+    """replay capacity in policy steps over all envs (64x64 uint8 frames: 1M steps take 3.8 GiB of RAM)"""
+    buffer_mode: Literal["tbptt", "uniform"] = "tbptt"
+    """tbptt: each batch row continues its stream and carries its state; uniform: random windows, zero state"""
+    recency: float = 0.0
+    """where a TBPTT row restarts: 0 uniform over stored data; r > 0 gives density (1 + r) x^r in data age x"""
+    amp: bool = True
+    """bf16 autocast on CUDA GPUs that support it (losses stay float32); ignored on the CPU"""
+    log_seconds: float = 5.0
+    """seconds between console lines and TensorBoard rate/loss points"""
+
+
+PRESETS = {
+    "v2": dict(discrete_latents=True, kl_balance=0.8, kl_scale=0.1, free_nats=0.0, deter_size=600, hidden_size=600,
+               stoch_size=32, cnn_depth=48, lr_model=2e-4, lr_actor=4e-5, lr_critic=1e-4, gamma=0.999),
+    "v1": dict(discrete_latents=False, kl_balance=0.0, kl_scale=1.0, free_nats=3.0, deter_size=200, hidden_size=200,
+               stoch_size=30, cnn_depth=32, lr_model=6e-4, lr_actor=8e-5, lr_critic=8e-5, gamma=0.99),
+}
+
+
+def apply_preset(args: Args) -> Args:
+    """Fill every field left at None from the preset; explicit values are kept."""
+    preset = PRESETS.get(args.preset)
+    if preset is None:
+        fail("--preset", f"'{args.preset}' is not a preset; choose one of {', '.join(PRESETS)}")
+    return dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+
+
+def cli_defaults(argv: list[str]) -> Args:
+    """Defaults for tyro, resolved from the --preset found in argv, so that --help shows the real values."""
+    for i, arg in enumerate(argv):
+        name = arg.split("=", 1)[1] if arg.startswith("--preset=") else argv[i + 1] if arg == "--preset" and i + 1 < len(argv) else None
+        if name in PRESETS:
+            return apply_preset(Args(preset=name))
+    return apply_preset(Args())
+
+
+def fail(flag: str, message: str):
+    """Bad input: one line on stderr naming the flag, exit code 2."""
+    print(f"error: {flag}: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
+def validate(args: Args) -> Args:
+    """Resolve the preset and reject bad input before anything is written."""
+    args = apply_preset(args)
+    positive = ["total_steps", "num_envs", "deter_size", "hidden_size", "stoch_size", "classes", "cnn_depth",
+                "mlp_units", "mlp_layers", "batch_size", "seq_len", "horizon", "train_every", "buffer_size",
+                "slow_critic_every", "lr_model", "lr_actor", "lr_critic", "log_seconds", "max_episode_frames"]
+    for name in positive:
+        if getattr(args, name) <= 0:
+            fail("--" + name.replace("_", "-"), f"must be positive (got {getattr(args, name)})")
+    for name in ["prefill", "noop_max", "free_nats", "entropy", "recency", "weight_decay", "kl_scale"]:
+        if getattr(args, name) < 0:
+            fail("--" + name.replace("_", "-"), f"must be >= 0 (got {getattr(args, name)})")
+    for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda"]:
+        if not 0 <= getattr(args, name) <= 1:
+            fail("--" + name.replace("_", "-"), f"must be in [0, 1] (got {getattr(args, name)})")
+    per_env = args.buffer_size // args.num_envs
+    if args.seq_len > per_env:
+        fail("--seq-len", f"{args.seq_len} is longer than the {per_env} steps each env's stream can hold "
+                          f"(--buffer-size {args.buffer_size} / --num-envs {args.num_envs})")
+    if args.batch_size * args.seq_len > args.buffer_size:
+        fail("--batch-size", f"{args.batch_size} x --seq-len {args.seq_len} exceeds --buffer-size {args.buffer_size}")
+    if args.prefill < args.seq_len * args.num_envs:
+        fail("--prefill", f"must be at least --seq-len x --num-envs = {args.seq_len * args.num_envs} "
+                          f"so that one full sequence exists when training starts (got {args.prefill})")
+    if args.total_steps <= args.prefill:
+        fail("--total-steps", f"must exceed --prefill {args.prefill} (got {args.total_steps})")
+    if args.capture_video:
+        fail("--capture-video", "video capture is not available yet (tracked in the watch/evaluate issue)")
+    resolve_env(args.env)
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Environment
+# ----------------------------------------------------------------------------------------------------------------
+def resolve_env(name: str) -> tuple[str, str]:
+    """Map --env to ("atari", rom id) or ("gym", registered id); an unknown name is a one-line error."""
+    import ale_py
+
+    roms = set(ale_py.roms.get_all_rom_ids())
+    short = re.sub(r"^ALE/|-v\d+$", "", name)
+    rom = short if short in roms else re.sub(r"(?<!^)(?=[A-Z])", "_", short).lower()
+    if rom in roms:
+        return "atari", rom
+    if name in gym.registry:
+        return "gym", name
+    camel = {r.title().replace("_", ""): r for r in roms}
+    close = difflib.get_close_matches(short, list(camel), n=3)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    fail("--env", f"unknown game '{name}'; {hint}choose one of the {len(roms)} Atari games in CamelCase "
+                  f"(e.g. SpaceInvaders, Breakout, Pong) or a registered gymnasium id")
+
+
+def make_envs(args: Args, seed: int) -> tuple[gym.vector.VectorEnv, int]:
+    """Vector env of 64x64 uint8 observations shaped (num_envs, C, 64, 64), with its frames per policy step.
+
+    Atari follows DreamerV2 (Machado et al. 2018): action repeat 4 with a max over the last two frames, grayscale,
+    up to 30 no-ops, sticky actions, no life-loss terminal, no FIRE on reset, raw rewards, a frame cap that
+    truncates. ale-py's native AtariVectorEnv runs this faster than gymnasium's vector envs; every option that
+    differs from its defaults is set here. All envs auto-reset on the step after an episode ends (NEXT_STEP).
+    """
+    kind, env_id = resolve_env(args.env)
+    if kind == "atari":
+        from ale_py.vector_env import AtariVectorEnv
+
+        envs = AtariVectorEnv(
+            env_id, args.num_envs, img_height=64, img_width=64, grayscale=True, stack_num=1, frameskip=4,
+            maxpool=True, noop_max=args.noop_max, repeat_action_probability=args.sticky_actions,
+            max_num_frames_per_episode=args.max_episode_frames, episodic_life=False, reward_clipping=False,
+            use_fire_reset=False, full_action_space=False, autoreset_mode="NextStep")
+        frames_per_step = 4
+    else:
+        envs = gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode="sync")
+        frames_per_step = 1
+    shape = envs.single_observation_space.shape
+    if not isinstance(envs.single_action_space, gym.spaces.Discrete) or len(shape) not in (2, 3) or 64 not in shape:
+        envs.close()
+        fail("--env", f"'{args.env}' must have discrete actions and 64x64 image observations (got {shape})")
+    envs.action_space.seed(seed)
+    return envs, frames_per_step
+
+
+def to_chw(obs: np.ndarray) -> np.ndarray:
+    """(N, 64, 64), (N, 64, 64, C) or (N, C, 64, 64) uint8 observations -> (N, C, 64, 64)."""
+    if obs.ndim == 3:
+        return obs[:, None]
+    return obs if obs.shape[1] <= 4 else obs.transpose(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Replay buffer with truncated-BPTT sampling
+# ----------------------------------------------------------------------------------------------------------------
+class ReplayBuffer:
+    """Per-env ring buffers of uint8 frames, sampled as B rows that each stream through stored experience.
+
+    Entry t of a stream holds obs_t, the action a_{t-1} that led to it, the reward r_t received on arrival,
+    `terminated_t` (game over at obs_t) and `is_first_t` (obs_t starts an episode). In "tbptt" mode consecutive
+    `sample()` calls continue each row where its previous chunk ended, so the trainer can carry the row's state;
+    a row whose next chunk is not stored yet, or was evicted, restarts at a fresh position with is_first set on
+    its first step (zero state). In "uniform" mode every row restarts on every call (DreamerV2's sampling).
+    """
+
+    def __init__(self, num_envs, capacity, obs_shape, batch_size, seq_len, mode="tbptt", recency=0.0, seed=0):
+        self.capacity = capacity // num_envs  # per env stream
+        self.num_envs, self.batch_size, self.seq_len = num_envs, batch_size, seq_len
+        self.mode, self.recency = mode, recency
+        self.rng = np.random.default_rng(seed)
+        self.obs = np.zeros((num_envs, self.capacity, *obs_shape), np.uint8)
+        self.action = np.zeros((num_envs, self.capacity), np.int64)
+        self.reward = np.zeros((num_envs, self.capacity), np.float32)
+        self.terminated = np.zeros((num_envs, self.capacity), bool)
+        self.is_first = np.zeros((num_envs, self.capacity), bool)
+        self.steps = 0  # entries written to each stream (all streams advance together)
+        self.row_env = np.zeros(batch_size, np.int64)
+        self.row_pos = np.full(batch_size, -1, np.int64)  # absolute index of each row's next chunk; -1: restart
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in (self.obs, self.action, self.reward, self.terminated, self.is_first))
+
+    def add(self, obs, action, reward, terminated, is_first):
+        """Append one entry to every env's stream (arrays of shape (num_envs, ...))."""
+        slot = self.steps % self.capacity
+        self.obs[:, slot], self.action[:, slot], self.reward[:, slot] = obs, action, reward
+        self.terminated[:, slot], self.is_first[:, slot] = terminated, is_first
+        self.steps += 1
+
+    def _restart(self, row):
+        """A fresh start for one row: uniform over stored windows, or skewed to new data by --recency."""
+        oldest, newest = max(0, self.steps - self.capacity), self.steps - self.seq_len
+        age = self.rng.random() ** (1.0 / (1.0 + self.recency))  # density (1 + r) x^r on [0, 1]
+        self.row_env[row] = self.rng.integers(self.num_envs)
+        self.row_pos[row] = oldest + min(int(age * (newest - oldest + 1)), newest - oldest)
+
+    def sample(self) -> dict[str, np.ndarray]:
+        """One (B, T) chunk per row: obs (B, T, C, H, W) uint8, action, reward, terminated, is_first."""
+        assert self.steps >= self.seq_len, "sample() needs one full sequence in the buffer"
+        restarted = np.zeros(self.batch_size, bool)
+        for row in range(self.batch_size):
+            pos = self.row_pos[row]
+            evicted, unwritten = pos < self.steps - self.capacity, pos + self.seq_len > self.steps
+            if self.mode == "uniform" or pos < 0 or evicted or unwritten:
+                self._restart(row)
+                restarted[row] = True
+        idx = (self.row_pos[:, None] + np.arange(self.seq_len)) % self.capacity
+        env = self.row_env[:, None]
+        batch = dict(obs=self.obs[env, idx], action=self.action[env, idx], reward=self.reward[env, idx],
+                     terminated=self.terminated[env, idx], is_first=self.is_first[env, idx])
+        batch["is_first"][restarted, 0] = True
+        self.row_pos += self.seq_len
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Networks
+# ----------------------------------------------------------------------------------------------------------------
+def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
+    """`layers` hidden ELU layers of `units`, then a linear output (DreamerV2's heads)."""
+    mods, size = [], inp
+    for _ in range(layers):
+        mods += [nn.Linear(size, units), nn.ELU()]
+        size = units
+    return nn.Sequential(*mods, nn.Linear(size, out))
+
+
+class ConvEncoder(nn.Module):
+    """4 convs, kernel 4, stride 2, depth d-2d-4d-8d, ELU: 64x64 -> 8d x 2 x 2 embedding (DreamerV2)."""
+
+    def __init__(self, channels: int, depth: int):
+        super().__init__()
+        mods, size = [], channels
+        for i in range(4):
+            mods += [nn.Conv2d(size, depth * 2**i, 4, 2), nn.ELU()]
+            size = depth * 2**i
+        self.net = nn.Sequential(*mods, nn.Flatten())
+        self.out_dim = depth * 8 * 2 * 2
+
+    def forward(self, obs):
+        return self.net(obs)
+
+
+class ConvDecoder(nn.Module):
+    """Mirror of the encoder: linear to 32d x 1 x 1, transposed convs with kernels 5, 5, 6, 6 -> 64x64 mean image."""
+
+    def __init__(self, feat_dim: int, channels: int, depth: int):
+        super().__init__()
+        self.linear = nn.Linear(feat_dim, 32 * depth)
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), nn.ELU(),
+            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), nn.ELU(),
+            nn.ConvTranspose2d(2 * depth, depth, 6, 2), nn.ELU(),
+            nn.ConvTranspose2d(depth, channels, 6, 2))
+
+    def forward(self, feat):
+        return self.net(self.linear(feat)[..., None, None])
+
+
+class LayerNormGRUCell(nn.Module):
+    """GRU cell with LayerNorm on the gates and update bias -1, as in DreamerV2's RSSM."""
+
+    def __init__(self, inp: int, size: int):
+        super().__init__()
+        self.linear = nn.Linear(inp + size, 3 * size, bias=False)
+        self.norm = nn.LayerNorm(3 * size)
+
+    def forward(self, x, h):
+        reset, cand, update = self.norm(self.linear(torch.cat([x, h], -1))).chunk(3, -1)
+        reset, update = torch.sigmoid(reset), torch.sigmoid(update - 1)
+        return update * torch.tanh(reset * cand) + (1 - update) * h
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# World model
+# ----------------------------------------------------------------------------------------------------------------
+class RSSM(nn.Module):
+    """Recurrent state-space model (DreamerV2 Eq. 1): h_t = f(h_{t-1}, z_{t-1}, a_{t-1}), prior p(z_t | h_t),
+    posterior q(z_t | h_t, x_t). Distributions are passed around as their raw network outputs ("stats")."""
+
+    def __init__(self, action_dim, embed_dim, deter, hidden, stoch, classes, discrete):
+        super().__init__()
+        self.discrete, self.stoch, self.classes, self.deter = discrete, stoch, classes, deter
+        self.stoch_dim = stoch * classes if discrete else stoch
+        stats_dim = stoch * classes if discrete else 2 * stoch
+        self.img_in = nn.Sequential(nn.Linear(self.stoch_dim + action_dim, hidden), nn.ELU())
+        self.gru = LayerNormGRUCell(hidden, deter)
+        self.prior_net = nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, stats_dim))
+        self.post_net = nn.Sequential(nn.Linear(deter + embed_dim, hidden), nn.ELU(), nn.Linear(hidden, stats_dim))
+
+    @property
+    def feat_dim(self) -> int:
+        return self.stoch_dim + self.deter
+
+    def initial(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(batch, self.deter, device=device), torch.zeros(batch, self.stoch_dim, device=device)
+
+    def sample(self, stats):
+        """Reparameterized sample: straight-through one-hots `sample + probs - sg(probs)` (DreamerV2 Alg. 1) or
+        a Gaussian with std = softplus(x) + 0.1 (DreamerV1)."""
+        stats = stats.float()
+        if self.discrete:
+            probs = stats.unflatten(-1, (self.stoch, self.classes)).softmax(-1)
+            onehot = F.one_hot(torch.multinomial(probs.flatten(0, -2), 1).squeeze(-1), self.classes)
+            onehot = onehot.reshape(probs.shape).to(probs.dtype)
+            return (onehot + probs - probs.detach()).flatten(-2)
+        mean, std = stats.chunk(2, -1)
+        return mean + (F.softplus(std) + 0.1) * torch.randn_like(mean)
+
+    def kl(self, q, p):
+        """KL[q || p] summed over the latent variables, one value per batch element."""
+        q, p = q.float(), p.float()
+        if self.discrete:
+            lq = q.unflatten(-1, (self.stoch, self.classes)).log_softmax(-1)
+            lp = p.unflatten(-1, (self.stoch, self.classes)).log_softmax(-1)
+            return (lq.exp() * (lq - lp)).sum((-2, -1))
+        (mq, sq), (mp, sp) = q.chunk(2, -1), p.chunk(2, -1)
+        sq, sp = F.softplus(sq) + 0.1, F.softplus(sp) + 0.1
+        return (torch.log(sp / sq) + (sq**2 + (mq - mp) ** 2) / (2 * sp**2) - 0.5).sum(-1)
+
+    def entropy(self, stats):
+        stats = stats.float()
+        if self.discrete:
+            logp = stats.unflatten(-1, (self.stoch, self.classes)).log_softmax(-1)
+            return -(logp.exp() * logp).sum((-2, -1))
+        std = F.softplus(stats.chunk(2, -1)[1]) + 0.1
+        return (0.5 * np.log(2 * np.pi * np.e) + torch.log(std)).sum(-1)
+
+    def advance(self, h, z, action):
+        """Deterministic step h_t = GRU(h_{t-1}, [z_{t-1}, a_{t-1}])."""
+        return self.gru(self.img_in(torch.cat([z, action], -1)), h)
+
+    def img_step(self, h, z, action):
+        """Prior step: advance h, then z_t ~ p(z_t | h_t)."""
+        h = self.advance(h, z, action)
+        prior = self.prior_net(h)
+        return h, self.sample(prior), prior
+
+    def obs_step(self, h, z, action, embed, is_first):
+        """Posterior step; state and previous action are zeroed where an episode starts."""
+        keep = (~is_first).to(h.dtype)[:, None]
+        h = self.advance(h * keep, z * keep, action * keep)
+        prior = self.prior_net(h)
+        post = self.post_net(torch.cat([h, embed], -1))
+        return h, self.sample(post), prior, post
+
+    def observe(self, embed, action, is_first, state):
+        """Filter a (B, T) sequence from `state`; returns stacked h, z, prior, post (B, T, ...) and the last state."""
+        h, z = state
+        hs, zs, priors, posts = [], [], [], []
+        for t in range(embed.shape[1]):
+            h, z, prior, post = self.obs_step(h, z, action[:, t], embed[:, t], is_first[:, t])
+            hs.append(h), zs.append(z), priors.append(prior), posts.append(post)
+        stack = lambda xs: torch.stack(xs, 1)
+        return stack(hs), stack(zs), stack(priors), stack(posts), (h, z)
+
+
+def kl_loss(rssm: RSSM, post, prior, alpha: float, free_nats: float):
+    """KL balancing (DreamerV2 Eq. 2 / Alg. 2): alpha * KL[sg(q) || p] + (1 - alpha) * KL[q || sg(p)], free nats on
+    each term after averaging; alpha = 0 gives plain KL[q || p]. Returns (loss, mean KL value)."""
+    value = rssm.kl(post, prior).mean()
+    if alpha == 0:
+        return value.clamp(min=free_nats), value
+    prior_term = rssm.kl(post.detach(), prior).mean().clamp(min=free_nats)  # trains the prior
+    post_term = rssm.kl(post, prior.detach()).mean().clamp(min=free_nats)  # regularizes the posterior
+    return alpha * prior_term + (1 - alpha) * post_term, value
+
+
+def make_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """Adam, eps 1e-5, with DreamerV2's decoupled decay `w <- (1 - wd) w` on weight matrices only."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]
+    rest = [p for p in params if p.ndim < 2]
+    groups = [dict(params=decay, weight_decay=weight_decay / lr), dict(params=rest, weight_decay=0.0)]
+    return torch.optim.AdamW(groups, lr=lr, eps=1e-5)
+
+
+def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> float:
+    """One optimizer step with global gradient-norm clipping; returns the norm before clipping."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in opt.param_groups for p in g["params"]]
+    norm = nn.utils.clip_grad_norm_(params, clip)
+    opt.step()
+    return norm.item()
+
+
+def preprocess(obs: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels -> float in [-0.5, 0.5] (DreamerV2)."""
+    return obs.float() / 255.0 - 0.5
+
+
+class WorldModel(nn.Module):
+    """Encoder, RSSM, image decoder, reward and continue heads; owns its loss (DreamerV2 Eq. 2) and optimizer."""
+
+    def __init__(self, args: Args, obs_shape, action_dim: int):
+        super().__init__()
+        self.args, self.action_dim = args, action_dim
+        self.encoder = ConvEncoder(obs_shape[0], args.cnn_depth)
+        self.rssm = RSSM(action_dim, self.encoder.out_dim, args.deter_size, args.hidden_size, args.stoch_size,
+                         args.classes, args.discrete_latents)
+        feat = self.rssm.feat_dim
+        self.decoder = ConvDecoder(feat, obs_shape[0], args.cnn_depth)
+        self.reward_head = mlp(feat, 1, args.mlp_units, args.mlp_layers)
+        self.cont_head = mlp(feat, 1, args.mlp_units, args.mlp_layers)
+        self.opt = make_optimizer(self, args.lr_model, args.weight_decay)
+
+    def loss(self, batch: dict[str, torch.Tensor], state):
+        """Image and reward log-likelihoods (unit Gaussians), continue Bernoulli on gamma * (1 - terminated) with
+        scale 5, and the balanced KL. Returns (loss, h, z, last state, metrics)."""
+        args = self.args
+        obs = preprocess(batch["obs"])
+        embed = self.encoder(obs.flatten(0, 1)).unflatten(0, obs.shape[:2])
+        action = F.one_hot(batch["action"], self.action_dim).float()
+        h, z, prior, post, last = self.rssm.observe(embed, action, batch["is_first"], state)
+        feat = torch.cat([z, h], -1)
+        recon = self.decoder(feat.flatten(0, 1)).unflatten(0, obs.shape[:2]).float()
+        image = 0.5 * (recon - obs).pow(2).sum((-3, -2, -1)).mean()
+        reward = 0.5 * (self.reward_head(feat).squeeze(-1).float() - torch.tanh(batch["reward"])).pow(2).mean()
+        cont_target = args.gamma * (1.0 - batch["terminated"].float())
+        cont = F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1).float(), cont_target)
+        kl, kl_value = kl_loss(self.rssm, post, prior, args.kl_balance, args.free_nats)
+        loss = image + reward + 5.0 * cont + args.kl_scale * kl
+        metrics = {"losses/world_model": loss, "losses/image": image, "losses/reward": reward, "losses/continue": cont,
+                   "losses/kl": kl, "world/kl": kl_value, "world/prior_entropy": self.rssm.entropy(prior).mean(),
+                   "world/post_entropy": self.rssm.entropy(post).mean()}
+        return loss, h, z, last, metrics
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Actor-critic in imagination
+# ----------------------------------------------------------------------------------------------------------------
+def lambda_return(reward, cont, value, lam: float):
+    """TD(lambda) targets over a (H, ...) imagined trajectory (DreamerV1 Eq. 6):
+    R_H = v(z_H), R_t = r_t + c_t * ((1 - lambda) * v(z_{t+1}) + lambda * R_{t+1}); `value` has H + 1 entries."""
+    returns, last = [], value[-1]
+    for t in reversed(range(reward.shape[0])):
+        last = reward[t] + cont[t] * ((1 - lam) * value[t + 1] + lam * last)
+        returns.append(last)
+    return torch.stack(returns[::-1])
+
+
+class ActorCritic(nn.Module):
+    """Categorical actor and critic trained on imagined rollouts of the world model (DreamerV2 Eq. 5-8)."""
+
+    def __init__(self, args: Args, feat_dim: int, action_dim: int):
+        super().__init__()
+        self.args = args
+        self.actor = mlp(feat_dim, action_dim, args.mlp_units, args.mlp_layers)
+        self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        self.actor_opt = make_optimizer(self.actor, args.lr_actor, args.weight_decay)
+        self.critic_opt = make_optimizer(self.critic, args.lr_critic, args.weight_decay)
+        self.updates = 0
+
+    def imagine(self, wm: WorldModel, h, z):
+        """Roll the prior H steps from each start with actions from the actor on sg(features).
+        Returns features (H + 1, N, F) and one-hot actions (H, N, A); actions[t] is taken at z_t."""
+        feats, actions = [torch.cat([z, h], -1)], []
+        for _ in range(self.args.horizon):
+            probs = self.actor(feats[-1].detach()).float().softmax(-1)
+            action = F.one_hot(torch.multinomial(probs, 1).squeeze(-1), probs.shape[-1]).to(probs.dtype)
+            if self.args.actor_grad == "dynamics":
+                action = action + probs - probs.detach()
+            h, z, _ = wm.rssm.img_step(h, z, action)
+            feats.append(torch.cat([z, h], -1))
+            actions.append(action)
+        return torch.stack(feats), torch.stack(actions)
+
+    def train_step(self, wm: WorldModel, h, z, terminated) -> dict[str, torch.Tensor]:
+        """One actor and one critic update from every posterior state (h, z) of the batch (B*T starts)."""
+        args = self.args
+        wm.requires_grad_(False)
+        with torch.set_grad_enabled(args.actor_grad == "dynamics"):
+            feats, actions = self.imagine(wm, h.detach(), z.detach())
+            reward = wm.reward_head(feats).squeeze(-1).float()
+            cont = torch.sigmoid(wm.cont_head(feats).squeeze(-1).float())
+            cont = torch.cat([args.gamma * (1.0 - terminated.float())[None], cont[1:]])  # true first continue
+            slow_value = self.slow_critic(feats).squeeze(-1).float()
+            returns = lambda_return(reward[:-1], cont[:-1], slow_value, args.return_lambda)  # R_0 .. R_{H-1}
+        wm.requires_grad_(True)
+        weight = torch.cumprod(torch.cat([torch.ones_like(cont[:1]), cont[:-1]]), 0).detach()  # w_t = prod_{k<t} c_k
+
+        # Actor (DreamerV2 Eq. 6): log pi(a_{t+1} | z_t), where a_{t+1} is the action taken at z_t (actions[t]).
+        logp = self.actor(feats[:-2].detach()).float().log_softmax(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        if args.actor_grad == "reinforce":
+            objective = (logp * actions[:-1].detach()).sum(-1) * (returns[1:] - slow_value[:-2]).detach()
+        else:
+            objective = returns[1:]
+        actor_loss = -(weight[:-2] * (objective + args.entropy * entropy)).mean()
+        # Critic (DreamerV2 Eq. 8): regress v(z_t) on sg(R_t).
+        value = self.critic(feats[:-1].detach()).squeeze(-1).float()
+        critic_loss = (weight[:-1] * 0.5 * (value - returns.detach()).pow(2)).mean()
+
+        actor_norm = optimize(self.actor_opt, actor_loss, args.grad_clip)
+        critic_norm = optimize(self.critic_opt, critic_loss, args.grad_clip)
+        self.updates += 1
+        if self.updates % args.slow_critic_every == 0:
+            self.slow_critic.load_state_dict(self.critic.state_dict())
+        return {"losses/actor": actor_loss, "losses/critic": critic_loss, "actor/entropy": entropy.mean(),
+                "actor/grad_norm": actor_norm, "critic/grad_norm": critic_norm, "critic/value": value.mean(),
+                "critic/lambda_return": returns.mean(), "critic/imagined_reward": reward.mean()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Agent
+# ----------------------------------------------------------------------------------------------------------------
+class Dreamer(nn.Module):
+    """World model + actor-critic. Keeps each env's posterior state for acting and each batch row's state for
+    truncated BPTT."""
+
+    def __init__(self, args: Args, obs_shape, action_dim: int, device: torch.device):
+        super().__init__()
+        self.args, self.device, self.action_dim = args, device, action_dim
+        self.wm = WorldModel(args, obs_shape, action_dim)
+        self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim)
+        self.to(device)
+        self.amp = args.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        self.act_state = None  # (h, z, previous action) per env
+        self.train_state = self.wm.rssm.initial(args.batch_size, device)  # last posterior of each batch row
+
+    @torch.no_grad()
+    def sample_action(self, obs: np.ndarray, is_first: np.ndarray, greedy: bool = False) -> np.ndarray:
+        """Update each env's posterior with its new observation, then sample (or take the mode of) the policy."""
+        obs_t = torch.as_tensor(obs, device=self.device)
+        first = torch.as_tensor(is_first, device=self.device)
+        if self.act_state is None:
+            h, z = self.wm.rssm.initial(len(obs), self.device)
+            self.act_state = (h, z, torch.zeros(len(obs), self.action_dim, device=self.device))
+        h, z, prev_action = self.act_state
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            embed = self.wm.encoder(preprocess(obs_t))
+            h, z, _, _ = self.wm.rssm.obs_step(h, z, prev_action, embed, first)
+            logits = self.ac.actor(torch.cat([z, h], -1)).float()
+        action = logits.argmax(-1) if greedy else torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+        self.act_state = (h.float(), z.float(), F.one_hot(action, self.action_dim).float())
+        return action.cpu().numpy()
+
+    def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
+        """World-model update on a (B, T) chunk, then actor-critic from its posterior states."""
+        batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            loss, h, z, last, metrics = self.wm.loss(batch, self.train_state)
+        metrics["world/grad_norm"] = optimize(self.wm.opt, loss, self.args.grad_clip)
+        self.train_state = (last[0].detach().float(), last[1].detach().float())
+        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
+            metrics.update(self.ac.train_step(self.wm, h.flatten(0, 1), z.flatten(0, 1),
+                                              batch["terminated"].flatten()))
+        return {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Main loop
+# ----------------------------------------------------------------------------------------------------------------
+def log_progress(args, writer, step, updates, frames_per_step, window, metrics, recent_returns):
+    """Averaged training metrics, windowed rates (prefill excluded) and one console line; returns the new window."""
+    for key in metrics[0] if metrics else []:
+        writer.add_scalar(key, np.mean([m[key] for m in metrics]), step)
+    writer.add_scalar("charts/PRGS", step / args.total_steps, step)
+    mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
+    if window is None or step == window[1]:
+        print(f"prefill {step:,}/{args.prefill:,} policy steps | last mean return {mean_return}")
+        return window
+    seconds, steps, window_updates = time.time() - window[0], step - window[1], updates - window[2]
+    sps, ups = steps / seconds, window_updates / seconds
+    writer.add_scalar("charts/SPS", sps, step)
+    writer.add_scalar("charts/FPS", sps * frames_per_step, step)
+    writer.add_scalar("charts/UPS", ups, step)
+    writer.add_scalar("charts/train_ratio", window_updates * args.batch_size * args.seq_len / steps, step)
+    eta = datetime.timedelta(seconds=int((args.total_steps - step) / sps))
+    print(f"step {step:,} | frames {step * frames_per_step:,} | SPS {sps:.0f} | FPS {sps * frames_per_step:.0f} | "
+          f"UPS {ups:.2f} | ETA {eta} | {100 * step / args.total_steps:.1f}% | last mean return {mean_return}")
+    return time.time(), step, updates
+
+
+def main(args: Args):
+    args = validate(args)
+    kind, env_id = resolve_env(args.env)
+    run_name = f"{env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    envs, frames_per_step = make_envs(args, args.seed)
+    obs, _ = envs.reset(seed=args.seed)
+    obs = to_chw(obs)
+    action_dim = int(envs.single_action_space.n)
+    agent = Dreamer(args, obs.shape[1:], action_dim, device)
+    buffer = ReplayBuffer(args.num_envs, args.buffer_size, obs.shape[1:], args.batch_size, args.seq_len,
+                          args.buffer_mode, args.recency, args.seed)
+
+    if args.track:
+        import wandb
+
+        wandb.tensorboard.patch(root_logdir=f"runs/{run_name}")
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True)
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
+    print(f"run {run_name} on {device}: {kind} env {env_id} x{args.num_envs}, {action_dim} actions, preset {args.preset}, "
+          f"{params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps")
+
+    n = args.num_envs
+    # What arrived with the current obs: the action that led to it, its reward, and whether it ends the episode.
+    prev_action, reward = np.zeros(n, np.int64), np.zeros(n, np.float32)
+    terminated, done, is_first = np.zeros(n, bool), np.zeros(n, bool), np.ones(n, bool)
+    ep_return, ep_length, recent_returns = np.zeros(n), np.zeros(n, np.int64), deque(maxlen=10)
+    global_step, updates, train_credit, metrics = 0, 0, 0, []
+    window = None  # (time, step, updates) where the current rate window began; None during the prefill
+    last_log = time.time()
+    try:
+        while global_step < args.total_steps:
+            buffer.add(obs, np.where(is_first, 0, prev_action), reward, terminated, is_first)  # the one entry point
+            action = envs.action_space.sample() if global_step < args.prefill else agent.sample_action(obs, is_first)
+            next_obs, reward, terminated, truncated, _ = envs.step(action)
+            global_step += n
+            # NEXT_STEP autoreset: an env whose obs was terminal ignored `action` and returned its reset obs.
+            obs, prev_action, is_first, done = to_chw(next_obs), action, done, terminated | truncated
+            reward = reward.astype(np.float32)
+            ep_return = np.where(is_first, 0, ep_return + reward)
+            ep_length = np.where(is_first, 0, ep_length + 1)
+            for i in np.flatnonzero(done):
+                recent_returns.append(ep_return[i])
+                writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
+                writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
+            if global_step >= args.prefill:
+                window = window or (time.time(), global_step, updates)
+                train_credit += n
+                while train_credit >= args.train_every:  # exact cadence even when num_envs does not divide it
+                    metrics.append(agent.train_step(buffer.sample()))
+                    train_credit -= args.train_every
+                    updates += 1
+            if time.time() - last_log >= args.log_seconds or global_step >= args.total_steps:
+                window = log_progress(args, writer, global_step, updates, frames_per_step, window, metrics,
+                                      recent_returns)
+                metrics, last_log = [], time.time()
+    except KeyboardInterrupt:
+        print(f"interrupted at step {global_step:,}")
+    finally:
+        if args.save_model:
+            path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+            torch.save({"agent": agent.state_dict(), "args": vars(args), "global_step": global_step}, path)
+            print(f"model saved to {path}")
+        writer.close()
+        envs.close()
+        if args.track:
+            wandb.finish()
+    return run_name
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args, default=cli_defaults(sys.argv[1:])))
