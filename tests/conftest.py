@@ -1,0 +1,27 @@
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dreamer_atari as da  # noqa: E402
+
+# Tiny sizes: a few hundred policy steps of real ALE SpaceInvaders run in seconds on 2 CPU cores.
+TINY = dict(deter_size=32, hidden_size=32, stoch_size=4, classes=4, cnn_depth=4, mlp_units=32, mlp_layers=1,
+            batch_size=4, seq_len=8, horizon=5, train_every=8, prefill=100, buffer_size=2000, log_seconds=0.5)
+
+
+@pytest.fixture
+def tiny_args():
+    def make(**overrides):
+        return da.Args(**{**TINY, **overrides})
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def in_tmp_dir(tmp_path, monkeypatch):
+    """Every test runs in its own folder so that `runs/` never lands in the repository."""
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -1,0 +1,116 @@
+import glob
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import dreamer_atari as da
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dreamer_atari.py")
+LOSSES = ["losses/world_model", "losses/image", "losses/reward", "losses/continue", "losses/kl", "losses/actor",
+          "losses/critic"]
+CHARTS = ["charts/SPS", "charts/FPS", "charts/UPS", "charts/PRGS", "charts/train_ratio", "charts/episodic_return",
+          "charts/episodic_length"]
+
+
+def scalars(run_name):
+    acc = EventAccumulator(os.path.join("runs", run_name))
+    acc.Reload()
+    return {tag: [e.value for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+@pytest.mark.parametrize("overrides", [
+    dict(),  # v2: discrete latents, KL balancing, truncated BPTT
+    dict(preset="v1", num_envs=3, train_every=16, buffer_mode="uniform", actor_grad="dynamics"),
+], ids=["v2", "v1-3envs-uniform-dynamics"])
+def test_main_trains_on_ale_and_logs_everything(tiny_args, overrides):
+    # a 400-frame cap truncates episodes after 100 policy steps, so episodes end inside the run
+    args = tiny_args(env="SpaceInvaders", total_steps=360, max_episode_frames=400, save_model=True, **overrides)
+    run_name = da.main(args)
+    values = scalars(run_name)
+    for tag in LOSSES + CHARTS + ["world/kl", "actor/entropy", "critic/value", "critic/lambda_return"]:
+        assert tag in values, tag
+        assert all(math.isfinite(v) for v in values[tag]), tag
+    assert values["charts/PRGS"][-1] == pytest.approx(1.0)
+    assert all(v > 0 for v in values["charts/SPS"] + values["charts/UPS"])
+    fps_per_sps = [f / s for f, s in zip(values["charts/FPS"], values["charts/SPS"])]
+    assert fps_per_sps == pytest.approx([4.0] * len(fps_per_sps))  # action repeat 4
+    # train ratio = batch x seq / train_every, exactly, even when num_envs does not divide train_every
+    assert values["charts/train_ratio"][-1] == pytest.approx(4 * 8 / args.train_every, rel=0.35)
+    assert all(length == 100 for length in values["charts/episodic_length"])  # truncation at the frame cap
+    assert os.path.exists(os.path.join("runs", run_name, "dreamer_atari.cleanrl_model"))
+
+
+def test_seeded_cpu_runs_repeat(tiny_args):
+    returns = []
+    for _ in range(2):
+        values = scalars(da.main(tiny_args(total_steps=250, max_episode_frames=200, exp_name=f"r{len(returns)}")))
+        returns.append((values["charts/episodic_return"], values["losses/world_model"][-1]))
+    assert returns[0] == returns[1]
+
+
+@pytest.mark.parametrize("overrides, flag", [
+    (dict(env="SpaceInvader"), "--env"),
+    (dict(env="NoSuchGame-v0"), "--env"),
+    (dict(seq_len=3000), "--seq-len"),
+    (dict(batch_size=300, seq_len=8), "--batch-size"),
+    (dict(total_steps=50), "--total-steps"),
+    (dict(deter_size=-5), "--deter-size"),
+    (dict(batch_size=0), "--batch-size"),
+    (dict(preset="v3"), "--preset"),
+    (dict(kl_balance=1.5), "--kl-balance"),
+    (dict(prefill=4), "--prefill"),
+])
+def test_bad_input_is_one_line_and_exit_2(tiny_args, capsys, overrides, flag):
+    with pytest.raises(SystemExit) as exit_info:
+        da.main(tiny_args(**overrides))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"error: {flag}:"), err
+    assert not os.path.exists("runs")
+
+
+def test_unknown_game_suggests_the_right_name(tiny_args, capsys):
+    with pytest.raises(SystemExit):
+        da.main(tiny_args(env="SpaceInvader"))
+    assert "SpaceInvaders" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--preset", "v3"], "v1"),
+    (["--env", "Foo"], "--env"),
+    (["--batch-size", "-1"], "--batch-size"),
+])
+def test_command_line_bad_input(argv, expected):
+    result = subprocess.run([sys.executable, SCRIPT, *argv], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert expected in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not os.path.exists("runs")
+
+
+def test_help_explains_units_and_presets():
+    out = subprocess.run([sys.executable, SCRIPT, "--help"], capture_output=True, text=True, timeout=120).stdout
+    assert "policy step" in out and "frames" in out
+    assert "--no-discrete-latents" in out and "(default: 600)" in out
+    v1 = subprocess.run([sys.executable, SCRIPT, "--preset", "v1", "--help"], capture_output=True, text=True,
+                        timeout=120).stdout
+    assert "(default: 200)" in v1  # --help shows the chosen preset's sizes
+
+
+def test_preset_fills_only_what_is_not_given():
+    args = da.apply_preset(da.Args(preset="v1", deter_size=64))
+    assert args.deter_size == 64 and args.hidden_size == 200 and not args.discrete_latents
+    assert args.kl_balance == 0.0 and args.free_nats == 3.0
+    cli = da.cli_defaults(["--env", "Pong", "--preset=v1"])
+    assert cli.stoch_size == 30 and cli.gamma == 0.99
+
+
+def test_import_has_no_side_effects():
+    code = f"import sys; sys.path.insert(0, {os.path.dirname(SCRIPT)!r}); import dreamer_atari"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout == ""
+    assert os.listdir(".") == []

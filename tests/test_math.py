@@ -1,0 +1,116 @@
+import pytest
+import torch
+
+import dreamer_atari as da
+
+
+def make_rssm(discrete, **kw):
+    sizes = dict(action_dim=3, embed_dim=8, deter=16, hidden=16, stoch=4, classes=5, discrete=discrete)
+    return da.RSSM(**{**sizes, **kw})
+
+
+def test_lambda_return_matches_hand_computation():
+    reward, cont = torch.tensor([1.0, 2.0]), torch.tensor([0.5, 1.0])
+    value, lam = torch.tensor([10.0, 20.0, 30.0]), 0.5
+    # R_2 = 30; R_1 = 2 + 1 * (0.5 * 30 + 0.5 * 30) = 32; R_0 = 1 + 0.5 * (0.5 * 20 + 0.5 * 32) = 14
+    torch.testing.assert_close(da.lambda_return(reward, cont, value, lam), torch.tensor([14.0, 32.0]))
+
+
+def test_lambda_return_limits():
+    reward, cont, value = torch.rand(4, 3), torch.rand(4, 3), torch.rand(5, 3)
+    one_step = reward + cont * value[1:]
+    torch.testing.assert_close(da.lambda_return(reward, cont, value, 0.0), one_step)
+    monte_carlo = value[-1]
+    for t in reversed(range(4)):
+        monte_carlo = reward[t] + cont[t] * monte_carlo
+    torch.testing.assert_close(da.lambda_return(reward, cont, value, 1.0)[0], monte_carlo)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_kl_balancing_value_and_gradients(discrete):
+    rssm, alpha = make_rssm(discrete), 0.8
+    stats = 20 if discrete else 8
+    post, prior = torch.randn(6, stats), torch.randn(6, stats)
+
+    def grads(loss_fn):
+        q, p = post.clone().requires_grad_(), prior.clone().requires_grad_()
+        loss, value = loss_fn(q, p)
+        loss.backward()
+        return loss.detach(), value.detach(), q.grad, p.grad
+
+    plain = grads(lambda q, p: da.kl_loss(rssm, q, p, 0.0, 0.0))
+    balanced = grads(lambda q, p: da.kl_loss(rssm, q, p, alpha, 0.0))
+    torch.testing.assert_close(balanced[0], plain[0])  # same value as plain KL
+    torch.testing.assert_close(balanced[1], plain[1])
+    torch.testing.assert_close(balanced[3], alpha * plain[3])  # the prior gets alpha of the gradient
+    torch.testing.assert_close(balanced[2], (1 - alpha) * plain[2])  # the posterior the rest
+    assert plain[3].abs().sum() > 0
+
+
+def test_free_nats_stop_the_gradient_below_the_threshold():
+    rssm = make_rssm(True)
+    post, prior = torch.randn(6, 20), torch.randn(6, 20, requires_grad=True)
+    loss, value = da.kl_loss(rssm, post, prior, 0.8, free_nats=1e3)
+    loss.backward()
+    assert loss.item() == pytest.approx(1e3) and value.item() < 1e3
+    assert prior.grad.abs().sum() == 0
+
+
+def test_gaussian_kl_matches_torch():
+    rssm = make_rssm(False)
+    q, p = torch.randn(5, 8), torch.randn(5, 8)
+    normal = lambda s: torch.distributions.Normal(s[:, :4], torch.nn.functional.softplus(s[:, 4:]) + 0.1)
+    expected = torch.distributions.kl_divergence(normal(q), normal(p)).sum(-1)
+    torch.testing.assert_close(rssm.kl(q, p), expected)
+
+
+@pytest.mark.parametrize("discrete", [True, False])
+def test_rssm_shapes_and_gradient_flow(discrete):
+    torch.manual_seed(0)
+    rssm = make_rssm(discrete)
+    B, T = 3, 7
+    embed = torch.randn(B, T, 8)
+    action = torch.nn.functional.one_hot(torch.randint(0, 3, (B, T)), 3).float()
+    is_first = torch.zeros(B, T, dtype=torch.bool)
+    h, z, prior, post, last = rssm.observe(embed, action, is_first, rssm.initial(B, "cpu"))
+    stoch_dim = 20 if discrete else 4
+    assert h.shape == (B, T, 16) and z.shape == (B, T, stoch_dim)
+    assert prior.shape == post.shape == (B, T, 20 if discrete else 8)
+    assert last[0].shape == (B, 16) and last[1].shape == (B, stoch_dim)
+    if discrete:
+        onehot = z.detach().round()  # straight-through: forward values are one-hot samples (up to round-off)
+        torch.testing.assert_close(z.detach(), onehot)
+        assert set(onehot.unique().tolist()) <= {0.0, 1.0} and (onehot.sum(-1) == 4).all()
+    # gradients reach the posterior network through the sample (straight-through / reparameterized)
+    (z * torch.randn_like(z)).sum().backward()
+    grad = rssm.post_net[-1].weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert rssm.gru.linear.weight.grad.abs().sum() > 0  # ... and through time into the GRU
+
+
+def test_is_first_resets_the_state():
+    torch.manual_seed(0)
+    rssm = make_rssm(True)
+    embed, action = torch.randn(2, 3, 8), torch.randn(2, 3, 3)
+    is_first = torch.zeros(2, 3, dtype=torch.bool)
+    is_first[:, 0] = True
+    state = (torch.randn(2, 16), torch.randn(2, 20))
+    torch.manual_seed(1)
+    h_from_state = rssm.observe(embed, action, is_first, state)[0]
+    torch.manual_seed(1)
+    h_from_zero = rssm.observe(embed, action, is_first, rssm.initial(2, "cpu"))[0]
+    torch.testing.assert_close(h_from_state, h_from_zero)
+
+
+def test_actor_critic_update_touches_only_its_own_networks(tiny_args):
+    args = da.validate(tiny_args())
+    torch.manual_seed(0)
+    agent = da.Dreamer(args, (1, 64, 64), 4, torch.device("cpu"))
+    wm_before = [p.clone() for p in agent.wm.parameters()]
+    actor_before = [p.clone() for p in agent.ac.actor.parameters()]
+    h, z = torch.randn(10, 32), agent.wm.rssm.sample(torch.randn(10, 16))
+    metrics = agent.ac.train_step(agent.wm, h, z, torch.zeros(10, dtype=torch.bool))
+    assert all(torch.equal(a, b) for a, b in zip(wm_before, agent.wm.parameters()))
+    assert any(not torch.equal(a, b) for a, b in zip(actor_before, agent.ac.actor.parameters()))
+    assert all(p.grad is None for p in agent.wm.parameters())
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in metrics.values())
