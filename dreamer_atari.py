@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import importlib
 import os
 import random
 import re
@@ -60,8 +61,8 @@ class Args:
     """save the agent to `runs/{run_name}/{exp_name}.cleanrl_model` at the end (and on Ctrl-C)"""
 
     env: str = "SpaceInvaders"
-    """Atari game (`SpaceInvaders`, `Breakout`, `ALE/Pong-v5`, `ms_pacman`) or any registered gymnasium id with
-    64x64 image observations and discrete actions"""
+    """Atari game (`SpaceInvaders`, `Breakout`, `ALE/Pong-v5`, `ms_pacman`) or a gymnasium id with 64x64 image
+    observations and discrete actions, registered or as `module:EnvId` (e.g. `tests.catch:Catch-v0`)"""
     total_steps: int = 1_000_000
     """total policy steps, summed over envs (frames = 4 x policy steps on Atari)"""
     num_envs: int = 1
@@ -73,8 +74,20 @@ class Args:
     max_episode_frames: int = 108_000
     """episode cap in emulator frames (27,000 policy steps); reaching it is a truncation, not a terminal"""
 
-    preset: Literal["v1", "v2"] = "v2"
-    """v2: DreamerV2 (32x32 categorical latents, KL balancing); v1: DreamerV1 (Gaussian latents, free nats)"""
+    preset: Literal["v1", "v2", "decoder-free"] = "v2"
+    """v2: DreamerV2 (32x32 categorical latents, KL balancing); v1: DreamerV1 (Gaussian latents, free nats);
+    decoder-free: v2 latents with a Barlow Twins objective instead of the image decoder"""
+    wm_objective: Literal["decoder", "barlow"] = None  # type: ignore[assignment]
+    """world-model representation loss: reconstruct pixels, or Barlow Twins on latent features (no decoder)"""
+    bt_pair: Literal["posterior-embed", "prior-posterior"] = "posterior-embed"
+    """Barlow Twins pairing: projected posterior feature vs the detached encoder embedding of the same frame
+    (R2-Dreamer), or projected prior vs projected posterior feature of the same step"""
+    bt_lambda: float = 5e-4
+    """weight of the Barlow Twins redundancy (off-diagonal) term"""
+    bt_scale: float = 0.05
+    """weight of the Barlow Twins loss in the world-model loss"""
+    probe_decoder: bool = False
+    """train a separate decoder on detached latent features (it never trains the world model) and log its images"""
     discrete_latents: bool = None  # type: ignore[assignment]
     """categorical (straight-through) stochastic state instead of a Gaussian one"""
     kl_balance: float = None  # type: ignore[assignment]
@@ -138,14 +151,17 @@ class Args:
     """bf16 autocast on CUDA GPUs that support it (losses stay float32); ignored on the CPU"""
     log_seconds: float = 5.0
     """seconds between console lines and TensorBoard rate/loss points"""
+    eval_episodes: int = 10
+    """episodes played at the end of training with the greedy policy, next to a random policy (0: none)"""
 
 
 PRESETS = {
-    "v2": dict(discrete_latents=True, kl_balance=0.8, kl_scale=0.1, free_nats=0.0, deter_size=600, hidden_size=600,
+    "v2": dict(wm_objective="decoder", discrete_latents=True, kl_balance=0.8, kl_scale=0.1, free_nats=0.0, deter_size=600, hidden_size=600,
                stoch_size=32, cnn_depth=48, lr_model=2e-4, lr_actor=4e-5, lr_critic=1e-4, gamma=0.999),
-    "v1": dict(discrete_latents=False, kl_balance=0.0, kl_scale=1.0, free_nats=3.0, deter_size=200, hidden_size=200,
+    "v1": dict(wm_objective="decoder", discrete_latents=False, kl_balance=0.0, kl_scale=1.0, free_nats=3.0, deter_size=200, hidden_size=200,
                stoch_size=30, cnn_depth=32, lr_model=6e-4, lr_actor=8e-5, lr_critic=8e-5, gamma=0.99),
 }
+PRESETS["decoder-free"] = dict(PRESETS["v2"], wm_objective="barlow")
 
 
 def apply_preset(args: Args) -> Args:
@@ -180,7 +196,7 @@ def validate(args: Args) -> Args:
     for name in positive:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be positive (got {getattr(args, name)})")
-    for name in ["prefill", "noop_max", "free_nats", "entropy", "recency", "weight_decay", "kl_scale"]:
+    for name in ["prefill", "eval_episodes", "bt_lambda", "bt_scale", "noop_max", "free_nats", "entropy", "recency", "weight_decay", "kl_scale"]:
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be >= 0 (got {getattr(args, name)})")
     for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda"]:
@@ -207,8 +223,18 @@ def validate(args: Args) -> Args:
 # Environment
 # ----------------------------------------------------------------------------------------------------------------
 def resolve_env(name: str) -> tuple[str, str]:
-    """Map --env to ("atari", rom id) or ("gym", registered id); an unknown name is a one-line error."""
+    """Map --env to ("atari", rom id) or ("gym", gymnasium id); an unknown name is a one-line error."""
     import ale_py
+
+    if ":" in name:  # gymnasium's `module:EnvId`: importing the module registers the env
+        module, env_id = name.split(":", 1)
+        try:
+            importlib.import_module(module)
+        except ImportError as e:
+            fail("--env", f"cannot import '{module}' for '{name}' ({e})")
+        if env_id not in gym.registry:
+            fail("--env", f"importing '{module}' registered no '{env_id}'")
+        return "gym", name
 
     roms = set(ale_py.roms.get_all_rom_ids())
     short = re.sub(r"^ALE/|-v\d+$", "", name)
@@ -477,9 +503,30 @@ def kl_loss(rssm: RSSM, post, prior, alpha: float, free_nats: float):
     return alpha * prior_term + (1 - alpha) * post_term, value
 
 
-def make_optimizer(module: nn.Module, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def barlow_twins(a: torch.Tensor, b: torch.Tensor, lam: float, eps: float = 1e-5):
+    """Barlow Twins (Zbontar et al. 2021, Eq. 1) on (N, D) rows: standardize each dimension over the N rows (biased
+    variance, eps inside the sqrt), C = a^T b / N, L = sum_i (1 - C_ii)^2 + lam * sum_{i != j} C_ij^2. Always in
+    float32, also under autocast; a dimension with zero variance standardizes to 0 instead of dividing by zero.
+    Returns (loss, invariance term, redundancy term)."""
+    with torch.autocast(a.device.type, enabled=False):
+        a, b = a.float(), b.float()
+        a = (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False) + eps)
+        b = (b - b.mean(0)) / torch.sqrt(b.var(0, unbiased=False) + eps)
+        c = a.T @ b / a.shape[0]
+        diagonal = torch.diagonal(c)
+        invariance = (1 - diagonal).pow(2).sum()
+        redundancy = c.pow(2).sum() - diagonal.pow(2).sum()
+        return invariance + lam * redundancy, invariance, redundancy
+
+
+def image_nll(recon: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
+    """Unit-variance Gaussian negative log-likelihood of the frames, summed over pixels (constant dropped)."""
+    return 0.5 * (recon.float() - obs).pow(2).sum((-3, -2, -1)).mean()
+
+
+def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """Adam, eps 1e-5, with DreamerV2's decoupled decay `w <- (1 - wd) w` on weight matrices only."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
     groups = [dict(params=decay, weight_decay=weight_decay / lr), dict(params=rest, weight_decay=0.0)]
@@ -502,7 +549,8 @@ def preprocess(obs: torch.Tensor) -> torch.Tensor:
 
 
 class WorldModel(nn.Module):
-    """Encoder, RSSM, image decoder, reward and continue heads; owns its loss (DreamerV2 Eq. 2) and optimizer."""
+    """Encoder, RSSM, image decoder (or a Barlow Twins projection), reward and continue heads; owns its loss
+    (DreamerV2 Eq. 2) and optimizer."""
 
     def __init__(self, args: Args, obs_shape, action_dim: int):
         super().__init__()
@@ -511,31 +559,50 @@ class WorldModel(nn.Module):
         self.rssm = RSSM(action_dim, self.encoder.out_dim, args.deter_size, args.hidden_size, args.stoch_size,
                          args.classes, args.discrete_latents)
         feat = self.rssm.feat_dim
-        self.decoder = ConvDecoder(feat, obs_shape[0], args.cnn_depth)
+        if args.wm_objective == "decoder":
+            self.decoder, self.bt_proj = ConvDecoder(feat, obs_shape[0], args.cnn_depth), None
+        else:  # no decoder parameters, no decoder compute: a linear projection of latent features instead
+            self.decoder, self.bt_proj = None, nn.Linear(feat, self.encoder.out_dim)
         self.reward_head = mlp(feat, 1, args.mlp_units, args.mlp_layers)
         self.cont_head = mlp(feat, 1, args.mlp_units, args.mlp_layers)
-        self.opt = make_optimizer(self, args.lr_model, args.weight_decay)
+        self.opt = make_optimizer(self.parameters(), args.lr_model, args.weight_decay)
 
     def loss(self, batch: dict[str, torch.Tensor], state):
-        """Image and reward log-likelihoods (unit Gaussians), continue Bernoulli on gamma * (1 - terminated) with
-        scale 5, and the balanced KL. Returns (loss, h, z, last state, metrics)."""
+        """Image log-likelihood (or the scaled Barlow Twins loss), reward log-likelihood (unit Gaussian), continue
+        Bernoulli on gamma * (1 - terminated) with scale 5, and the balanced KL. Returns (loss, h, z, last, metrics)."""
         args = self.args
         obs = preprocess(batch["obs"])
         embed = self.encoder(obs.flatten(0, 1)).unflatten(0, obs.shape[:2])
         action = F.one_hot(batch["action"], self.action_dim).float()
         h, z, prior, post, last = self.rssm.observe(embed, action, batch["is_first"], state)
         feat = torch.cat([z, h], -1)
-        recon = self.decoder(feat.flatten(0, 1)).unflatten(0, obs.shape[:2]).float()
-        image = 0.5 * (recon - obs).pow(2).sum((-3, -2, -1)).mean()
+        representation, metrics = self.representation_loss(obs, embed, feat, h, prior)
         reward = 0.5 * (self.reward_head(feat).squeeze(-1).float() - torch.tanh(batch["reward"])).pow(2).mean()
         cont_target = args.gamma * (1.0 - batch["terminated"].float())
         cont = F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1).float(), cont_target)
         kl, kl_value = kl_loss(self.rssm, post, prior, args.kl_balance, args.free_nats)
-        loss = image + reward + 5.0 * cont + args.kl_scale * kl
-        metrics = {"losses/world_model": loss, "losses/image": image, "losses/reward": reward, "losses/continue": cont,
-                   "losses/kl": kl, "world/kl": kl_value, "world/prior_entropy": self.rssm.entropy(prior).mean(),
-                   "world/post_entropy": self.rssm.entropy(post).mean()}
+        loss = representation + reward + 5.0 * cont + args.kl_scale * kl
+        metrics.update({"losses/world_model": loss, "losses/reward": reward, "losses/continue": cont,
+                        "losses/kl": kl, "world/kl": kl_value, "world/prior_entropy": self.rssm.entropy(prior).mean(),
+                        "world/post_entropy": self.rssm.entropy(post).mean()})
         return loss, h, z, last, metrics
+
+    def representation_loss(self, obs, embed, feat, h, prior):
+        """What ties the latents to the frames: pixel reconstruction, or Barlow Twins between the projected posterior
+        feature and sg(embedding) (R2-Dreamer), or between projected prior and posterior features."""
+        if self.decoder is not None:
+            recon = self.decoder(feat.flatten(0, 1)).unflatten(0, obs.shape[:2])
+            image = image_nll(recon, obs)
+            return image, {"losses/image": image, "images/reconstruction": (obs[0], recon[0].detach().float())}
+        if self.args.bt_pair == "posterior-embed":
+            a, b = self.bt_proj(feat), embed.detach()
+        else:
+            a, b = self.bt_proj(torch.cat([self.rssm.sample(prior), h], -1)), self.bt_proj(feat)
+        a, b = a.flatten(0, 1), b.flatten(0, 1)
+        barlow, invariance, redundancy = barlow_twins(a, b, self.args.bt_lambda)
+        return self.args.bt_scale * barlow, {
+            "losses/barlow": barlow, "losses/barlow_invariance": invariance, "losses/barlow_redundancy": redundancy,
+            "world/proj_std": a.float().std(0).mean()}  # falls towards 0 if the projected features collapse
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -560,8 +627,8 @@ class ActorCritic(nn.Module):
         self.actor = mlp(feat_dim, action_dim, args.mlp_units, args.mlp_layers)
         self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_opt = make_optimizer(self.actor, args.lr_actor, args.weight_decay)
-        self.critic_opt = make_optimizer(self.critic, args.lr_critic, args.weight_decay)
+        self.actor_opt = make_optimizer(self.actor.parameters(), args.lr_actor, args.weight_decay)
+        self.critic_opt = make_optimizer(self.critic.parameters(), args.lr_critic, args.weight_decay)
         self.updates = 0
 
     def imagine(self, wm: WorldModel, h, z):
@@ -626,10 +693,14 @@ class Dreamer(nn.Module):
         self.args, self.device, self.action_dim = args, device, action_dim
         self.wm = WorldModel(args, obs_shape, action_dim)
         self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim)
+        self.probe = ConvDecoder(self.wm.rssm.feat_dim, obs_shape[0], args.cnn_depth) if args.probe_decoder else None
         self.to(device)
+        if self.probe is not None:
+            self.probe_opt = make_optimizer(self.probe.parameters(), args.lr_model, args.weight_decay)
         self.amp = args.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
         self.act_state = None  # (h, z, previous action) per env
         self.train_state = self.wm.rssm.initial(args.batch_size, device)  # last posterior of each batch row
+        self.images = {}  # tag -> (real, reconstructed) frames of the last batch's first row
 
     @torch.no_grad()
     def sample_action(self, obs: np.ndarray, is_first: np.ndarray, greedy: bool = False) -> np.ndarray:
@@ -655,40 +726,68 @@ class Dreamer(nn.Module):
             loss, h, z, last, metrics = self.wm.loss(batch, self.train_state)
         metrics["world/grad_norm"] = optimize(self.wm.opt, loss, self.args.grad_clip)
         self.train_state = (last[0].detach().float(), last[1].detach().float())
+        if self.probe is not None:  # reads detached features: its gradient cannot reach the world model
+            obs = preprocess(batch["obs"])
+            recon = self.probe(torch.cat([z, h], -1).detach().flatten(0, 1)).unflatten(0, obs.shape[:2])
+            metrics["losses/probe_image"] = image_nll(recon, obs)
+            optimize(self.probe_opt, metrics["losses/probe_image"], self.args.grad_clip)
+            metrics["images/probe_reconstruction"] = (obs[0], recon[0].detach().float())
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
             metrics.update(self.ac.train_step(self.wm, h.flatten(0, 1), z.flatten(0, 1),
                                               batch["terminated"].flatten()))
+        self.images = {k: metrics.pop(k) for k in list(metrics) if k.startswith("images/")}
         return {k: v.item() if torch.is_tensor(v) else v for k, v in metrics.items()}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # Main loop
 # ----------------------------------------------------------------------------------------------------------------
-def log_progress(args, writer, step, updates, frames_per_step, window, metrics, recent_returns):
-    """Averaged training metrics, windowed rates (prefill excluded) and one console line; returns the new window."""
+def log_progress(args, writer, step, updates, trained_steps, frames_per_step, window, metrics, recent_returns):
+    """Averaged training metrics, windowed rates (prefill excluded) and one console line; returns the new window.
+    The train ratio is replayed steps per policy step since the prefill ended."""
     for key in metrics[0] if metrics else []:
         writer.add_scalar(key, np.mean([m[key] for m in metrics]), step)
     writer.add_scalar("charts/PRGS", step / args.total_steps, step)
     mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
     if window is None or step == window[1]:
-        print(f"prefill {step:,}/{args.prefill:,} policy steps | last mean return {mean_return}")
+        print(f"prefill {step:,}/{args.prefill:,} policy steps | last mean return {mean_return}", flush=True)
         return window
     seconds, steps, window_updates = time.time() - window[0], step - window[1], updates - window[2]
     sps, ups = steps / seconds, window_updates / seconds
     writer.add_scalar("charts/SPS", sps, step)
     writer.add_scalar("charts/FPS", sps * frames_per_step, step)
     writer.add_scalar("charts/UPS", ups, step)
-    writer.add_scalar("charts/train_ratio", window_updates * args.batch_size * args.seq_len / steps, step)
+    writer.add_scalar("charts/train_ratio", updates * args.batch_size * args.seq_len / trained_steps, step)
     eta = datetime.timedelta(seconds=int((args.total_steps - step) / sps))
     print(f"step {step:,} | frames {step * frames_per_step:,} | SPS {sps:.0f} | FPS {sps * frames_per_step:.0f} | "
-          f"UPS {ups:.2f} | ETA {eta} | {100 * step / args.total_steps:.1f}% | last mean return {mean_return}")
+          f"UPS {ups:.2f} | ETA {eta} | {100 * step / args.total_steps:.1f}% | last mean return {mean_return}", flush=True)
     return time.time(), step, updates
+
+
+def evaluate(args: Args, policy, episodes: int, seed: int) -> list[float]:
+    """Play `episodes` whole episodes in fresh envs; `policy(obs, is_first)` picks the actions. Each env plays a
+    fixed share of the episodes, so short episodes are not over-counted."""
+    envs, _ = make_envs(dataclasses.replace(args, num_envs=min(args.num_envs, episodes)), seed)
+    n = envs.num_envs
+    quota = np.full(n, episodes // n) + (np.arange(n) < episodes % n)
+    obs, _ = envs.reset(seed=seed)
+    is_first, done, ep_return, returns = np.ones(n, bool), np.zeros(n, bool), np.zeros(n), []
+    while len(returns) < episodes:
+        obs, reward, terminated, truncated, _ = envs.step(policy(to_chw(obs), is_first))
+        is_first, done = done, terminated | truncated
+        ep_return = np.where(is_first, 0, ep_return + reward)
+        for i in np.flatnonzero(done & (quota > 0)):
+            returns.append(float(ep_return[i]))
+            quota[i] -= 1
+    envs.close()
+    return returns
 
 
 def main(args: Args):
     args = validate(args)
     kind, env_id = resolve_env(args.env)
-    run_name = f"{env_id.replace('/', '_')}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    env_name = re.sub(r"[^\w.-]", "_", env_id)  # `module:EnvId` makes no folder name on every system
+    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -713,20 +812,21 @@ def main(args: Args):
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
     print(f"run {run_name} on {device}: {kind} env {env_id} x{args.num_envs}, {action_dim} actions, preset {args.preset}, "
-          f"{params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps")
+          f"{params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps", flush=True)
 
     n = args.num_envs
     # What arrived with the current obs: the action that led to it, its reward, and whether it ends the episode.
     prev_action, reward = np.zeros(n, np.int64), np.zeros(n, np.float32)
     terminated, done, is_first = np.zeros(n, bool), np.zeros(n, bool), np.ones(n, bool)
     ep_return, ep_length, recent_returns = np.zeros(n), np.zeros(n, np.int64), deque(maxlen=10)
-    global_step, updates, train_credit, metrics = 0, 0, 0, []
+    global_step, updates, train_credit, trained_steps, metrics = 0, 0, 0, 0, []
     window = None  # (time, step, updates) where the current rate window began; None during the prefill
     last_log = time.time()
     try:
         while global_step < args.total_steps:
             buffer.add(obs, np.where(is_first, 0, prev_action), reward, terminated, is_first)  # the one entry point
-            action = envs.action_space.sample() if global_step < args.prefill else agent.sample_action(obs, is_first)
+            learning = global_step >= args.prefill  # after the prefill: act with the policy and train
+            action = agent.sample_action(obs, is_first) if learning else envs.action_space.sample()
             next_obs, reward, terminated, truncated, _ = envs.step(action)
             global_step += n
             # NEXT_STEP autoreset: an env whose obs was terminal ignored `action` and returned its reset obs.
@@ -738,24 +838,40 @@ def main(args: Args):
                 recent_returns.append(ep_return[i])
                 writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
                 writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
-            if global_step >= args.prefill:
+            if learning:
                 window = window or (time.time(), global_step, updates)
-                train_credit += n
+                train_credit, trained_steps = train_credit + n, trained_steps + n
                 while train_credit >= args.train_every:  # exact cadence even when num_envs does not divide it
                     metrics.append(agent.train_step(buffer.sample()))
                     train_credit -= args.train_every
                     updates += 1
             if time.time() - last_log >= args.log_seconds or global_step >= args.total_steps:
-                window = log_progress(args, writer, global_step, updates, frames_per_step, window, metrics,
-                                      recent_returns)
+                window = log_progress(args, writer, global_step, updates, trained_steps, frames_per_step, window,
+                                      metrics, recent_returns)
+                for tag, (real, recon) in agent.images.items():  # real frames on top, reconstructions below
+                    writer.add_images(tag, (torch.cat([real, recon]) + 0.5).clamp(0, 1).cpu(), global_step)
+                agent.images = {}
                 metrics, last_log = [], time.time()
+        if args.eval_episodes:
+            seed = args.seed + 10_000  # fresh episodes, the same for the agent and the random policy
+            agent.act_state = None
+            scores = evaluate(args, lambda o, f: agent.sample_action(o, f, greedy=True), args.eval_episodes, seed)
+            agent.act_state = None
+            rng = np.random.default_rng(seed)
+            random_scores = evaluate(args, lambda o, f: rng.integers(action_dim, size=len(o)), args.eval_episodes, seed)
+            for i, score in enumerate(scores):
+                writer.add_scalar("eval/episodic_return", score, i)
+            writer.add_scalar("eval/mean_return", np.mean(scores), global_step)
+            writer.add_scalar("eval/random_mean_return", np.mean(random_scores), global_step)
+            print(f"eval over {args.eval_episodes} episodes (greedy policy): mean return {np.mean(scores):.2f} "
+                  f"+- {np.std(scores):.2f} | random policy: {np.mean(random_scores):.2f} +- {np.std(random_scores):.2f}", flush=True)
     except KeyboardInterrupt:
-        print(f"interrupted at step {global_step:,}")
+        print(f"interrupted at step {global_step:,}", flush=True)
     finally:
         if args.save_model:
             path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
             torch.save({"agent": agent.state_dict(), "args": vars(args), "global_step": global_step}, path)
-            print(f"model saved to {path}")
+            print(f"model saved to {path}", flush=True)
         writer.close()
         envs.close()
         if args.track:
