@@ -35,13 +35,18 @@ def test_main_trains_on_ale_and_logs_everything(tiny_args, overrides):
         assert tag in values, tag
         assert all(math.isfinite(v) for v in values[tag]), tag
     assert values["charts/PRGS"][-1] == pytest.approx(1.0)
-    assert all(v > 0 for v in values["charts/SPS"] + values["charts/UPS"])
+    for tag in ["charts/SPS", "charts/UPS"]:  # windowed: a short window may hold no update, none is negative
+        assert min(values[tag]) >= 0 and max(values[tag]) > 0, tag
     fps_per_sps = [f / s for f, s in zip(values["charts/FPS"], values["charts/SPS"])]
     assert fps_per_sps == pytest.approx([4.0] * len(fps_per_sps))  # action repeat 4
     # train ratio = batch x seq / train_every, exactly, even when num_envs does not divide train_every
-    assert values["charts/train_ratio"][-1] == pytest.approx(4 * 8 / args.train_every, rel=0.35)
+    trained = 360 - -(-100 // args.num_envs) * args.num_envs  # policy steps after the prefill (whole env steps)
+    updates = trained // args.train_every
+    assert values["charts/train_ratio"][-1] == pytest.approx(updates * 4 * 8 / trained)
     assert all(length == 100 for length in values["charts/episodic_length"])  # truncation at the frame cap
     assert os.path.exists(os.path.join("runs", run_name, "dreamer_atari.cleanrl_model"))
+    assert len(values["eval/episodic_return"]) == 2  # the final greedy evaluation, next to a random policy
+    assert math.isfinite(values["eval/mean_return"][0]) and math.isfinite(values["eval/random_mean_return"][0])
 
 
 def test_seeded_cpu_runs_repeat(tiny_args):
