@@ -1,0 +1,65 @@
+"""Benchmark (not a test): update time of the decoder vs the Barlow Twins objective (both pairings), same sizes,
+same process, as ratios.
+
+    python tests/bench_objectives.py --rounds 3 [any dreamer_atari.py size flag, e.g. --batch-size 8]
+
+Builds one agent per objective on the same random batches and times `train_step` (world model + actor-critic)
+in interleaved rounds, so that machine noise hits every objective alike; reports the median per objective and its
+ratio to the decoder. For peak memory run `tests/bench_speed.py` once per objective (a fresh process each).
+"""
+
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import dreamer_atari as da  # noqa: E402
+
+OBJECTIVES = {"decoder": dict(wm_objective="decoder"),
+              "barlow posterior-embed": dict(wm_objective="barlow", bt_pair="posterior-embed"),
+              "barlow prior-posterior": dict(wm_objective="barlow", bt_pair="prior-posterior")}
+
+
+def main(argv):
+    rounds = 3
+    if "--rounds" in argv:
+        i = argv.index("--rounds")
+        rounds, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
+    base = tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv))
+    device = torch.device("cuda" if torch.cuda.is_available() and base.cuda else "cpu")
+    torch.manual_seed(base.seed)
+    rng = np.random.default_rng(base.seed)
+    B, T = base.batch_size, base.seq_len
+    batches = [dict(obs=rng.integers(0, 255, (B, T, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 6, (B, T)),
+                    reward=rng.normal(size=(B, T)).astype(np.float32), terminated=np.zeros((B, T), bool),
+                    is_first=np.zeros((B, T), bool)) for _ in range(2)]
+    agents = {name: da.Dreamer(da.validate(da.dataclasses.replace(base, **kw)), (1, 64, 64), 6, device)
+              for name, kw in OBJECTIVES.items()}
+    times = {name: [] for name in agents}
+    for agent in agents.values():
+        agent.train_step(batches[0])  # warm-up
+    for r in range(rounds):
+        for name, agent in agents.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            agent.train_step(batches[r % 2])
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times[name].append(time.perf_counter() - start)
+    print(f"device {device} | threads {torch.get_num_threads()} | preset sizes {base.preset} | batch {B}x{T} | "
+          f"{rounds} rounds")
+    reference = statistics.median(times["decoder"])
+    for name, ts in times.items():
+        params = sum(p.numel() for p in agents[name].wm.parameters()) / 1e6
+        print(f"{name:24s} world model {params:6.2f}M params | update {statistics.median(ts):.3f} s | "
+              f"ratio to decoder {statistics.median(ts) / reference:.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
