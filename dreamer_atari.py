@@ -14,9 +14,11 @@ import dataclasses
 import datetime
 import difflib
 import importlib
+import json
 import os
 import random
 import re
+import signal
 import sys
 import time
 from collections import deque
@@ -56,9 +58,21 @@ class Args:
     wandb_entity: str | None = None
     """the entity (team) of the wandb project"""
     capture_video: bool = False
-    """record videos of the agent (not available yet: tracked in the watch/evaluate issue)"""
+    """record env 0's episodes 0, 1, 8, 27, ... (cubic schedule, then every 1000th) as GIFs of the frames the agent
+    sees to `runs/{run_name}/videos`"""
     save_model: bool = False
-    """save the agent to `runs/{run_name}/{exp_name}.cleanrl_model` at the end (and on Ctrl-C)"""
+    """checkpoint to `runs/{run_name}/{exp_name}.cleanrl_model` at the end and every --checkpoint-every steps
+    (Ctrl-C and SIGTERM always checkpoint)"""
+    checkpoint_every: int = 100_000
+    """with --save-model, also checkpoint every this many policy steps (0: only at the end)"""
+    resume: str | None = None
+    """continue training from this checkpoint at its saved step with its weights, optimizers and counters; the replay
+    buffer is not in the checkpoint: it refills by collecting --prefill steps with the restored policy first"""
+    eval_checkpoint: str | None = None
+    """only evaluate this checkpoint (--eval-episodes greedy episodes next to a random policy); writes
+    `<checkpoint>.eval.json` beside it"""
+    eval_gif: str | None = None
+    """write a GIF of the first evaluation episode (the 64x64 frames the agent sees, enlarged 4x) to this path"""
 
     env: str = "SpaceInvaders"
     """Atari game (`SpaceInvaders`, `Breakout`, `ALE/Pong-v5`, `ms_pacman`) or a gymnasium id with 64x64 image
@@ -152,7 +166,8 @@ class Args:
     log_seconds: float = 5.0
     """seconds between console lines and TensorBoard rate/loss points"""
     eval_episodes: int = 10
-    """episodes played at the end of training with the greedy policy, next to a random policy (0: none)"""
+    """episodes played with the greedy policy at the end of training or with --eval-checkpoint (papers use 50),
+    next to a random policy on the same seeds (0: none)"""
 
 
 PRESETS = {
@@ -196,7 +211,7 @@ def validate(args: Args) -> Args:
     for name in positive:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be positive (got {getattr(args, name)})")
-    for name in ["prefill", "eval_episodes", "bt_lambda", "bt_scale", "noop_max", "free_nats", "entropy", "recency", "weight_decay", "kl_scale"]:
+    for name in ["prefill", "eval_episodes", "checkpoint_every", "bt_lambda", "bt_scale", "noop_max", "free_nats", "entropy", "recency", "weight_decay", "kl_scale"]:
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be >= 0 (got {getattr(args, name)})")
     for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda"]:
@@ -213,8 +228,8 @@ def validate(args: Args) -> Args:
                           f"so that one full sequence exists when training starts (got {args.prefill})")
     if args.total_steps <= args.prefill:
         fail("--total-steps", f"must exceed --prefill {args.prefill} (got {args.total_steps})")
-    if args.capture_video:
-        fail("--capture-video", "video capture is not available yet (tracked in the watch/evaluate issue)")
+    if args.eval_checkpoint and args.eval_episodes < 1:
+        fail("--eval-episodes", "must be at least 1 with --eval-checkpoint")
     resolve_env(args.env)
     return args
 
@@ -543,6 +558,12 @@ def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> flo
     return norm.item()
 
 
+def check_finite(name: str, loss: torch.Tensor):
+    """Stop before an optimizer step would write NaN or inf into the weights."""
+    if not torch.isfinite(loss).item():
+        raise FloatingPointError(f"non-finite {name} loss ({loss.item()})")
+
+
 def preprocess(obs: torch.Tensor) -> torch.Tensor:
     """uint8 pixels -> float in [-0.5, 0.5] (DreamerV2)."""
     return obs.float() / 255.0 - 0.5
@@ -586,6 +607,23 @@ class WorldModel(nn.Module):
                         "losses/kl": kl, "world/kl": kl_value, "world/prior_entropy": self.rssm.entropy(prior).mean(),
                         "world/post_entropy": self.rssm.entropy(post).mean()})
         return loss, h, z, last, metrics
+
+    @torch.no_grad()
+    def dream(self, batch: dict[str, torch.Tensor], context: int = 5):
+        """Open-loop prediction of the batch's first sequence: filter `context` real frames, then roll the prior with
+        the real actions and decode (the picture of DreamerV2 Fig. 5). Returns (real, predicted) frames in [0, 1]."""
+        obs = preprocess(batch["obs"][:1])
+        action = F.one_hot(batch["action"][:1], self.action_dim).float()
+        with torch.random.fork_rng(devices=[obs.device] if obs.device.type == "cuda" else []):  # logging draws no
+            embed = self.encoder(obs[:, :context].flatten(0, 1)).unflatten(0, (1, context))  # training randomness
+            h, z, _, _, (h_t, z_t) = self.rssm.observe(embed, action[:, :context], batch["is_first"][:1, :context],
+                                                       self.rssm.initial(1, obs.device))
+            feats = [torch.cat([z, h], -1)[0]]
+            for t in range(context, obs.shape[1]):
+                h_t, z_t, _ = self.rssm.img_step(h_t, z_t, action[:, t])
+                feats.append(torch.cat([z_t, h_t], -1))
+        predicted = self.decoder(torch.cat(feats)).float()
+        return (obs[0] + 0.5).clamp(0, 1), (predicted + 0.5).clamp(0, 1)
 
     def representation_loss(self, obs, embed, feat, h, prior):
         """What ties the latents to the frames: pixel reconstruction, or Barlow Twins between the projected posterior
@@ -671,6 +709,8 @@ class ActorCritic(nn.Module):
         value = self.critic(feats[:-1].detach()).squeeze(-1).float()
         critic_loss = (weight[:-1] * 0.5 * (value - returns.detach()).pow(2)).mean()
 
+        check_finite("actor", actor_loss)
+        check_finite("critic", critic_loss)
         actor_norm = optimize(self.actor_opt, actor_loss, args.grad_clip)
         critic_norm = optimize(self.critic_opt, critic_loss, args.grad_clip)
         self.updates += 1
@@ -701,6 +741,7 @@ class Dreamer(nn.Module):
         self.act_state = None  # (h, z, previous action) per env
         self.train_state = self.wm.rssm.initial(args.batch_size, device)  # last posterior of each batch row
         self.images = {}  # tag -> (real, reconstructed) frames of the last batch's first row
+        self.last_batch = None  # the last training batch, for the open-loop dream
 
     @torch.no_grad()
     def sample_action(self, obs: np.ndarray, is_first: np.ndarray, greedy: bool = False) -> np.ndarray:
@@ -719,11 +760,16 @@ class Dreamer(nn.Module):
         self.act_state = (h.float(), z.float(), F.one_hot(action, self.action_dim).float())
         return action.cpu().numpy()
 
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        opts = {"world_model": self.wm.opt, "actor": self.ac.actor_opt, "critic": self.ac.critic_opt}
+        return opts | ({"probe": self.probe_opt} if self.probe is not None else {})
+
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """World-model update on a (B, T) chunk, then actor-critic from its posterior states."""
-        batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        batch = self.last_batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
             loss, h, z, last, metrics = self.wm.loss(batch, self.train_state)
+        check_finite("world-model", loss)
         metrics["world/grad_norm"] = optimize(self.wm.opt, loss, self.args.grad_clip)
         self.train_state = (last[0].detach().float(), last[1].detach().float())
         if self.probe is not None:  # reads detached features: its gradient cannot reach the world model
@@ -764,17 +810,67 @@ def log_progress(args, writer, step, updates, trained_steps, frames_per_step, wi
     return time.time(), step, updates
 
 
-def evaluate(args: Args, policy, episodes: int, seed: int) -> list[float]:
+CHECKPOINT_FORMAT = "dreamer_atari/1"
+ARCHITECTURE = ["env", "preset", "wm_objective", "discrete_latents", "deter_size", "hidden_size", "stoch_size",
+                "classes", "cnn_depth", "mlp_units", "mlp_layers", "bt_pair", "probe_decoder"]
+
+
+def save_checkpoint(path: str, agent: Dreamer, args: Args, counters: dict):
+    """Weights (world model, actor, critic, slow critic), optimizers, counters and args, written atomically: to a
+    temporary file first, then renamed over the old checkpoint, so a crash mid-write leaves the old one intact."""
+    state = {"format": CHECKPOINT_FORMAT, "args": dataclasses.asdict(args), "counters": counters,
+             "agent": agent.state_dict(), "optimizers": {k: o.state_dict() for k, o in agent.optimizers().items()}}
+    torch.save(state, f"{path}.tmp")
+    os.replace(f"{path}.tmp", path)
+
+
+def load_checkpoint(path: str, flag: str) -> dict:
+    """torch.load with weights_only=True (tensors and plain containers only): a checkpoint can never run code."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, tampered with, or not a checkpoint at all
+        fail(flag, f"cannot read '{path}' as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        fail(flag, f"'{path}' is not a dreamer_atari checkpoint")
+    return state
+
+
+def restore(agent: Dreamer, state: dict, flag: str):
+    try:
+        agent.load_state_dict(state["agent"])
+        for name, opt in agent.optimizers().items():
+            opt.load_state_dict(state["optimizers"][name])
+    except (RuntimeError, KeyError, ValueError) as e:
+        fail(flag, f"the checkpoint's tensors do not fit this model ({str(e).splitlines()[0][:120]})")
+
+
+def write_gif(frames: list[np.ndarray], path: str, scale: int = 4):
+    """(C, H, W) uint8 frames -> an animated GIF, enlarged `scale` times with nearest-neighbour pixels."""
+    from PIL import Image
+
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    images = [Image.fromarray(f[0] if f.shape[0] == 1 else f.transpose(1, 2, 0)) for f in frames]
+    images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
+    images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
+
+
+def evaluate(args: Args, policy, episodes: int, seed: int, frames: list | None = None) -> list[float]:
     """Play `episodes` whole episodes in fresh envs; `policy(obs, is_first)` picks the actions. Each env plays a
-    fixed share of the episodes, so short episodes are not over-counted."""
+    fixed share of the episodes, so short episodes are not over-counted. `frames` collects env 0's first episode."""
     envs, _ = make_envs(dataclasses.replace(args, num_envs=min(args.num_envs, episodes)), seed)
     n = envs.num_envs
     quota = np.full(n, episodes // n) + (np.arange(n) < episodes % n)
     obs, _ = envs.reset(seed=seed)
     is_first, done, ep_return, returns = np.ones(n, bool), np.zeros(n, bool), np.zeros(n), []
+    recording = frames is not None
     while len(returns) < episodes:
+        if recording:
+            frames.append(to_chw(obs)[0])
         obs, reward, terminated, truncated, _ = envs.step(policy(to_chw(obs), is_first))
         is_first, done = done, terminated | truncated
+        if recording and done[0]:  # the terminal frame closes the recording
+            frames.append(to_chw(obs)[0])
+            recording = False
         ep_return = np.where(is_first, 0, ep_return + reward)
         for i in np.flatnonzero(done & (quota > 0)):
             returns.append(float(ep_return[i]))
@@ -783,8 +879,95 @@ def evaluate(args: Args, policy, episodes: int, seed: int) -> list[float]:
     return returns
 
 
+def report_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: int, json_path: str | None) -> dict:
+    """Greedy policy and a random policy on the same seeds: print mean, std, min and max of the return, log them,
+    optionally write them as JSON and a GIF of the policy's first episode."""
+    seed, frames = args.seed + 10_000, [] if args.eval_gif else None
+    agent.act_state = None
+    scores = evaluate(args, lambda o, f: agent.sample_action(o, f, greedy=True), args.eval_episodes, seed, frames)
+    agent.act_state = None
+    rng = np.random.default_rng(seed)
+    random_scores = evaluate(args, lambda o, f: rng.integers(agent.action_dim, size=len(o)), args.eval_episodes, seed)
+    stats = {"env": args.env, "global_step": step, "episodes": args.eval_episodes, "seed": seed}
+    for name, returns in [("policy", scores), ("random", random_scores)]:
+        stats[name] = dict(mean=float(np.mean(returns)), std=float(np.std(returns)), min=float(np.min(returns)),
+                           max=float(np.max(returns)), returns=returns)
+        print(f"eval {name:6s} over {args.eval_episodes} episodes: mean {np.mean(returns):.2f} +- {np.std(returns):.2f}"
+              f" (min {np.min(returns):.2f}, max {np.max(returns):.2f})", flush=True)
+    for i, score in enumerate(scores):
+        writer.add_scalar("eval/episodic_return", score, i)
+    writer.add_scalar("eval/mean_return", stats["policy"]["mean"], step)
+    writer.add_scalar("eval/random_mean_return", stats["random"]["mean"], step)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(stats, f, indent=2)
+        print(f"evaluation written to {json_path}", flush=True)
+    if frames:
+        write_gif(frames, args.eval_gif)
+        print(f"GIF of the first evaluation episode written to {args.eval_gif}", flush=True)
+    return stats
+
+
+def evaluate_checkpoint(args: Args) -> dict:
+    """--eval-checkpoint: rebuild the agent from the checkpoint's own args and evaluate it."""
+    path = args.eval_checkpoint
+    state = load_checkpoint(path, "--eval-checkpoint")
+    saved = {k: v for k, v in state["args"].items() if k in Args.__dataclass_fields__}
+    keep = {k: getattr(args, k) for k in ["eval_checkpoint", "eval_episodes", "eval_gif", "seed", "cuda", "num_envs"]}
+    args = validate(dataclasses.replace(Args(**saved), **keep, resume=None, track=False, capture_video=False))
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    envs, _ = make_envs(args, args.seed)
+    obs_shape, action_dim = to_chw(envs.reset(seed=args.seed)[0]).shape[1:], int(envs.single_action_space.n)
+    envs.close()
+    agent = Dreamer(args, obs_shape, action_dim, device)
+    restore(agent, state, "--eval-checkpoint")
+    writer = SummaryWriter(os.path.dirname(path) or ".")
+    try:
+        return report_evaluation(args, agent, writer, state["counters"]["global_step"], f"{path}.eval.json")
+    finally:
+        writer.close()
+
+
+def capture(video: list | None, episode: int, frame: np.ndarray, is_first: bool, done: bool, run_name: str):
+    """--capture-video: env 0's episodes 0, 1, 8, 27, ... (then every 1000th) as GIFs in runs/{run_name}/videos."""
+    if is_first and (episode < 1000 and round(episode ** (1 / 3)) ** 3 == episode or episode % 1000 == 0):
+        video = []
+    if video is not None:
+        video.append(frame)
+        if done:
+            write_gif(video, f"runs/{run_name}/videos/episode-{episode}.gif")
+            return None
+    return video
+
+
+def log_images(writer: SummaryWriter, agent: Dreamer, step: int):
+    """Real frames on top, the decoder's (or the probe's) reconstruction and the open-loop dream below."""
+    for tag, (real, recon) in agent.images.items():
+        writer.add_images(tag, (torch.cat([real, recon]) + 0.5).clamp(0, 1).cpu(), step)
+    agent.images = {}
+    if agent.wm.decoder is not None and agent.last_batch is not None:
+        real, predicted = agent.wm.dream(agent.last_batch)
+        writer.add_images("images/open_loop_dream", torch.cat([real, predicted]).cpu(), step)
+
+
+def raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(args: Args):
+    """Train (or, with --eval-checkpoint, only evaluate). Returns the run name (or the evaluation statistics)."""
     args = validate(args)
+    if args.eval_checkpoint:
+        return evaluate_checkpoint(args)
+    state = None
+    if args.resume:
+        state = load_checkpoint(args.resume, "--resume")
+        for key in ARCHITECTURE:
+            if state["args"].get(key) != getattr(args, key):
+                fail("--resume", f"the checkpoint was trained with --{key.replace('_', '-')} {state['args'].get(key)}, "
+                                 f"this run has {getattr(args, key)}")
+        if state["counters"]["global_step"] >= args.total_steps:
+            fail("--total-steps", f"must exceed the checkpoint's step {state['counters']['global_step']:,}")
     kind, env_id = resolve_env(args.env)
     env_name = re.sub(r"[^\w.-]", "_", env_id)  # `module:EnvId` makes no folder name on every system
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
@@ -801,6 +984,11 @@ def main(args: Args):
     agent = Dreamer(args, obs.shape[1:], action_dim, device)
     buffer = ReplayBuffer(args.num_envs, args.buffer_size, obs.shape[1:], args.batch_size, args.seq_len,
                           args.buffer_mode, args.recency, args.seed)
+    counters = dict(global_step=0, updates=0, trained_steps=0, train_credit=0)
+    if state is not None:
+        restore(agent, state, "--resume")
+        counters.update(state["counters"])
+        agent.ac.updates = counters["updates"]
 
     if args.track:
         import wandb
@@ -812,66 +1000,72 @@ def main(args: Args):
     writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
     print(f"run {run_name} on {device}: {kind} env {env_id} x{args.num_envs}, {action_dim} actions, preset {args.preset}, "
-          f"{params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps", flush=True)
+          f"{params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps"
+          + (f", resumed at step {counters['global_step']:,}" if state else ""), flush=True)
 
-    n = args.num_envs
+    n, path = args.num_envs, f"runs/{run_name}/{args.exp_name}.cleanrl_model"
     # What arrived with the current obs: the action that led to it, its reward, and whether it ends the episode.
     prev_action, reward = np.zeros(n, np.int64), np.zeros(n, np.float32)
     terminated, done, is_first = np.zeros(n, bool), np.zeros(n, bool), np.ones(n, bool)
     ep_return, ep_length, recent_returns = np.zeros(n), np.zeros(n, np.int64), deque(maxlen=10)
-    global_step, updates, train_credit, trained_steps, metrics = 0, 0, 0, 0, []
-    window = None  # (time, step, updates) where the current rate window began; None during the prefill
-    last_log = time.time()
+    global_step, updates = counters["global_step"], counters["updates"]
+    train_from = global_step + args.prefill if state else args.prefill  # a resumed run refills its buffer first
+    next_checkpoint = global_step + args.checkpoint_every if args.save_model and args.checkpoint_every else None
+    video, video_episode = ([obs[0]] if args.capture_video else None), 0
+    metrics, window, last_log = [], None, time.time()  # window: (time, step, updates) where the rate window began
+    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
+    counters_now = lambda: dict(counters, global_step=global_step, updates=updates)
     try:
-        while global_step < args.total_steps:
-            buffer.add(obs, np.where(is_first, 0, prev_action), reward, terminated, is_first)  # the one entry point
-            learning = global_step >= args.prefill  # after the prefill: act with the policy and train
-            action = agent.sample_action(obs, is_first) if learning else envs.action_space.sample()
-            next_obs, reward, terminated, truncated, _ = envs.step(action)
-            global_step += n
-            # NEXT_STEP autoreset: an env whose obs was terminal ignored `action` and returned its reset obs.
-            obs, prev_action, is_first, done = to_chw(next_obs), action, done, terminated | truncated
-            reward = reward.astype(np.float32)
-            ep_return = np.where(is_first, 0, ep_return + reward)
-            ep_length = np.where(is_first, 0, ep_length + 1)
-            for i in np.flatnonzero(done):
-                recent_returns.append(ep_return[i])
-                writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
-                writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
-            if learning:
-                window = window or (time.time(), global_step, updates)
-                train_credit, trained_steps = train_credit + n, trained_steps + n
-                while train_credit >= args.train_every:  # exact cadence even when num_envs does not divide it
-                    metrics.append(agent.train_step(buffer.sample()))
-                    train_credit -= args.train_every
-                    updates += 1
-            if time.time() - last_log >= args.log_seconds or global_step >= args.total_steps:
-                window = log_progress(args, writer, global_step, updates, trained_steps, frames_per_step, window,
-                                      metrics, recent_returns)
-                for tag, (real, recon) in agent.images.items():  # real frames on top, reconstructions below
-                    writer.add_images(tag, (torch.cat([real, recon]) + 0.5).clamp(0, 1).cpu(), global_step)
-                agent.images = {}
-                metrics, last_log = [], time.time()
-        if args.eval_episodes:
-            seed = args.seed + 10_000  # fresh episodes, the same for the agent and the random policy
-            agent.act_state = None
-            scores = evaluate(args, lambda o, f: agent.sample_action(o, f, greedy=True), args.eval_episodes, seed)
-            agent.act_state = None
-            rng = np.random.default_rng(seed)
-            random_scores = evaluate(args, lambda o, f: rng.integers(action_dim, size=len(o)), args.eval_episodes, seed)
-            for i, score in enumerate(scores):
-                writer.add_scalar("eval/episodic_return", score, i)
-            writer.add_scalar("eval/mean_return", np.mean(scores), global_step)
-            writer.add_scalar("eval/random_mean_return", np.mean(random_scores), global_step)
-            print(f"eval over {args.eval_episodes} episodes (greedy policy): mean return {np.mean(scores):.2f} "
-                  f"+- {np.std(scores):.2f} | random policy: {np.mean(random_scores):.2f} +- {np.std(random_scores):.2f}", flush=True)
-    except KeyboardInterrupt:
-        print(f"interrupted at step {global_step:,}", flush=True)
+        try:
+            while global_step < args.total_steps:
+                buffer.add(obs, np.where(is_first, 0, prev_action), reward, terminated, is_first)  # the one entry point
+                acting, learning = global_step >= args.prefill, global_step >= train_from  # decided before the step
+                action = agent.sample_action(obs, is_first) if acting else envs.action_space.sample()
+                next_obs, reward, terminated, truncated, _ = envs.step(action)
+                global_step += n
+                # NEXT_STEP autoreset: an env whose obs was terminal ignored `action` and returned its reset obs.
+                obs, prev_action, is_first, done = to_chw(next_obs), action, done, terminated | truncated
+                reward = reward.astype(np.float32)
+                ep_return = np.where(is_first, 0, ep_return + reward)
+                ep_length = np.where(is_first, 0, ep_length + 1)
+                for i in np.flatnonzero(done):
+                    recent_returns.append(ep_return[i])
+                    writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
+                    writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
+                if args.capture_video:
+                    video = capture(video, video_episode, obs[0], is_first[0], done[0], run_name)
+                    video_episode += int(done[0])
+                if learning:
+                    window = window or (time.time(), global_step, updates)
+                    counters["train_credit"] += n
+                    counters["trained_steps"] += n
+                    while counters["train_credit"] >= args.train_every:  # exact cadence for any num_envs
+                        metrics.append(agent.train_step(buffer.sample()))
+                        counters["train_credit"] -= args.train_every
+                        updates += 1
+                if next_checkpoint is not None and global_step >= next_checkpoint:
+                    save_checkpoint(path, agent, args, counters_now())
+                    next_checkpoint += args.checkpoint_every
+                if time.time() - last_log >= args.log_seconds or global_step >= args.total_steps:
+                    window = log_progress(args, writer, global_step, updates, counters["trained_steps"],
+                                          frames_per_step, window, metrics, recent_returns)
+                    log_images(writer, agent, global_step)
+                    metrics, last_log = [], time.time()
+            if args.save_model:
+                save_checkpoint(path, agent, args, counters_now())
+                print(f"checkpoint saved to {path}", flush=True)
+            if args.eval_episodes:
+                report_evaluation(args, agent, writer, global_step, f"{path}.eval.json" if args.save_model else None)
+        except KeyboardInterrupt:
+            save_checkpoint(path, agent, args, counters_now())
+            print(f"interrupted at step {global_step:,}; checkpoint saved to {path} (continue with --resume {path})",
+                  flush=True)
+    except FloatingPointError as e:
+        kept = f"the last good checkpoint is {path}" if os.path.exists(path) else "no checkpoint was written"
+        print(f"error: {e} at step {global_step:,}; stopped before it reached the weights; {kept}", file=sys.stderr)
+        raise SystemExit(1)
     finally:
-        if args.save_model:
-            path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-            torch.save({"agent": agent.state_dict(), "args": vars(args), "global_step": global_step}, path)
-            print(f"model saved to {path}", flush=True)
+        signal.signal(signal.SIGTERM, previous_sigterm)
         writer.close()
         envs.close()
         if args.track:
