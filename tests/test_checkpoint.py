@@ -1,0 +1,175 @@
+import glob
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+import dreamer_atari as da
+from tests.conftest import TINY
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dreamer_atari.py")
+SHORT = dict(total_steps=240, max_episode_frames=400, eval_episodes=0)
+
+
+def trained_checkpoint(tiny_args, **overrides):
+    run_name = da.main(tiny_args(save_model=True, **{**SHORT, **overrides}))
+    return os.path.join("runs", run_name, "dreamer_atari.cleanrl_model"), run_name
+
+
+def test_checkpoint_holds_everything_and_loads_weights_only(tiny_args):
+    path, _ = trained_checkpoint(tiny_args)
+    state = torch.load(path, weights_only=True)
+    assert state["format"] == da.CHECKPOINT_FORMAT and state["counters"]["global_step"] == 240
+    assert set(state["optimizers"]) == {"world_model", "actor", "critic"}
+    assert any(k.startswith("ac.slow_critic.") for k in state["agent"])
+    assert state["args"]["deter_size"] == 32
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint(tiny_args, monkeypatch):
+    path, _ = trained_checkpoint(tiny_args)
+    before = torch.load(path, weights_only=True)
+
+    def crashing_save(obj, f):
+        with open(f, "wb") as out:
+            out.write(b"PK\x03\x04 half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    agent = da.Dreamer(da.validate(tiny_args()), (1, 64, 64), 6, torch.device("cpu"))
+    with pytest.raises(OSError):
+        da.save_checkpoint(path, agent, da.validate(tiny_args()), {"global_step": 999})
+    after = torch.load(path, weights_only=True)
+    assert after["counters"] == before["counters"]
+    assert all(torch.equal(after["agent"][k], before["agent"][k]) for k in before["agent"])
+
+
+def test_resume_restores_weights_bit_for_bit_and_continues_the_step(tiny_args):
+    path, _ = trained_checkpoint(tiny_args)
+    state = torch.load(path, weights_only=True)
+    args = da.validate(tiny_args())
+    agent = da.Dreamer(args, (1, 64, 64), 6, torch.device("cpu"))
+    da.restore(agent, state, "--resume")
+    assert all(torch.equal(v, state["agent"][k]) for k, v in agent.state_dict().items())
+    adam_steps = [s["step"] for s in agent.wm.opt.state_dict()["state"].values()]
+    assert adam_steps and all(float(s) == state["counters"]["updates"] for s in adam_steps)
+
+    run_name = da.main(tiny_args(resume=path, **{**SHORT, "total_steps": 480}))
+    acc = EventAccumulator(os.path.join("runs", run_name))
+    acc.Reload()
+    progress = acc.Scalars("charts/PRGS")
+    assert progress[0].step > 240 and progress[-1].step == 480  # counting goes on from the saved step
+    assert "losses/world_model" in acc.Tags()["scalars"]  # it trained again after refilling --prefill steps
+
+
+def test_resume_with_other_sizes_or_preset_is_one_clear_line(tiny_args, capsys):
+    path, _ = trained_checkpoint(tiny_args)
+    for overrides, flag in [(dict(deter_size=64), "--deter-size"), (dict(preset="v1"), "--preset")]:
+        with pytest.raises(SystemExit) as exit_info:
+            da.main(tiny_args(resume=path, **{**SHORT, "total_steps": 480, **overrides}))
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1
+        assert err.startswith("error: --resume:") and flag in err
+
+
+def test_foreign_and_tampered_files_fail_safely(tiny_args, capsys, tmp_path):
+    junk = tmp_path / "junk.cleanrl_model"
+    junk.write_bytes(os.urandom(256))
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "pwned"),))
+
+    evil = tmp_path / "evil.cleanrl_model"
+    torch.save({"format": da.CHECKPOINT_FORMAT, "x": Payload()}, evil)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"weights": torch.zeros(3)}, foreign)
+    for path in [junk, evil, foreign, tmp_path / "missing.cleanrl_model"]:
+        for flag in ["resume", "eval_checkpoint"]:
+            with pytest.raises(SystemExit) as exit_info:
+                da.main(tiny_args(**{flag: str(path)}))
+            assert exit_info.value.code == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and err.startswith("error: --" + flag.replace("_", "-"))
+    assert not (tmp_path / "pwned").exists()  # weights_only: the payload never ran
+
+
+def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_args, monkeypatch, capsys):
+    real_sample, calls = da.ReplayBuffer.sample, []
+
+    def poisoned_sample(self):
+        batch = real_sample(self)
+        calls.append(1)
+        if len(calls) > 10:  # after 10 good updates (and a checkpoint at step 160) the rewards turn to NaN
+            batch["reward"][:] = float("nan")
+        return batch
+
+    monkeypatch.setattr(da.ReplayBuffer, "sample", poisoned_sample)
+    with pytest.raises(SystemExit) as exit_info:
+        da.main(tiny_args(save_model=True, checkpoint_every=60, **{**SHORT, "total_steps": 2000}))
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "non-finite world-model loss" in err and "the last good checkpoint is" in err
+    (path,) = glob.glob("runs/*/dreamer_atari.cleanrl_model")
+    state = torch.load(path, weights_only=True)
+    assert state["counters"]["global_step"] < 200
+    assert all(torch.isfinite(v).all() for v in state["agent"].values() if v.is_floating_point())
+
+
+def test_eval_checkpoint_prints_and_writes_json_and_a_gif(tiny_args, capsys, tmp_path):
+    path, run_name = trained_checkpoint(tiny_args)
+    gif = str(tmp_path / "episode.gif")
+    stats = da.main(da.Args(eval_checkpoint=path, eval_episodes=3, eval_gif=gif))
+    out = capsys.readouterr().out
+    assert "eval policy over 3 episodes: mean" in out and "eval random over 3 episodes" in out
+    with open(f"{path}.eval.json") as f:
+        saved = json.load(f)
+    assert saved == json.loads(json.dumps(stats))
+    for name in ["policy", "random"]:
+        assert len(saved[name]["returns"]) == 3
+        assert saved[name]["min"] <= saved[name]["mean"] <= saved[name]["max"]
+    with Image.open(gif) as image:
+        assert image.size == (256, 256) and image.n_frames > 10  # one whole episode, 64x64 enlarged 4x
+        image.seek(image.n_frames - 1)
+    acc = EventAccumulator(os.path.dirname(path))
+    acc.Reload()
+    assert len(acc.Scalars("eval/episodic_return")) == 3
+
+
+def test_capture_video_and_open_loop_dream(tiny_args):
+    run_name = da.main(tiny_args(capture_video=True, **SHORT))
+    videos = sorted(glob.glob(f"runs/{run_name}/videos/*.gif"))
+    assert [os.path.basename(v) for v in videos] == ["episode-0.gif", "episode-1.gif"]  # cubic schedule: 0, 1, 8
+    with Image.open(videos[0]) as image:  # Pillow merges identical neighbours, adding up their 40 ms durations
+        durations = []
+        for i in range(image.n_frames):
+            image.seek(i)
+            durations.append(image.info["duration"])
+    assert sum(durations) == 101 * 40  # reset frame + 100 policy steps up to the 400-frame cap
+    acc = EventAccumulator(os.path.join("runs", run_name))
+    acc.Reload()
+    assert {"images/open_loop_dream", "images/reconstruction"} <= set(acc.Tags()["images"])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_saves_a_checkpoint_and_exits_0(sig):
+    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    process = subprocess.Popen([sys.executable, SCRIPT, *flags, "--total-steps=1000000", "--eval-episodes=0"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob("runs/*/events.*") and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(2)  # inside the training loop
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=120)
+    assert process.returncode == 0, err
+    assert "checkpoint saved to" in out and "--resume" in out
+    (path,) = glob.glob("runs/*/dreamer_atari.cleanrl_model")
+    assert torch.load(path, weights_only=True)["counters"]["global_step"] > 0
