@@ -171,10 +171,12 @@ class Args:
 
 
 PRESETS = {
-    "v2": dict(wm_objective="decoder", discrete_latents=True, kl_balance=0.8, kl_scale=0.1, free_nats=0.0, deter_size=600, hidden_size=600,
-               stoch_size=32, cnn_depth=48, lr_model=2e-4, lr_actor=4e-5, lr_critic=1e-4, gamma=0.999),
-    "v1": dict(wm_objective="decoder", discrete_latents=False, kl_balance=0.0, kl_scale=1.0, free_nats=3.0, deter_size=200, hidden_size=200,
-               stoch_size=30, cnn_depth=32, lr_model=6e-4, lr_actor=8e-5, lr_critic=8e-5, gamma=0.99),
+    "v2": dict(wm_objective="decoder", discrete_latents=True, kl_balance=0.8, kl_scale=0.1, free_nats=0.0,
+               deter_size=600, hidden_size=600, stoch_size=32, cnn_depth=48, lr_model=2e-4, lr_actor=4e-5,
+               lr_critic=1e-4, gamma=0.999),
+    "v1": dict(wm_objective="decoder", discrete_latents=False, kl_balance=0.0, kl_scale=1.0, free_nats=3.0,
+               deter_size=200, hidden_size=200, stoch_size=30, cnn_depth=32, lr_model=6e-4, lr_actor=8e-5,
+               lr_critic=8e-5, gamma=0.99),
 }
 PRESETS["decoder-free"] = dict(PRESETS["v2"], wm_objective="barlow")
 
@@ -190,7 +192,9 @@ def apply_preset(args: Args) -> Args:
 def cli_defaults(argv: list[str]) -> Args:
     """Defaults for tyro, resolved from the --preset found in argv, so that --help shows the real values."""
     for i, arg in enumerate(argv):
-        name = arg.split("=", 1)[1] if arg.startswith("--preset=") else argv[i + 1] if arg == "--preset" and i + 1 < len(argv) else None
+        name = arg.split("=", 1)[1] if arg.startswith("--preset=") else None
+        if arg == "--preset" and i + 1 < len(argv):
+            name = argv[i + 1]
         if name in PRESETS:
             return apply_preset(Args(preset=name))
     return apply_preset(Args())
@@ -211,7 +215,8 @@ def validate(args: Args) -> Args:
     for name in positive:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be positive (got {getattr(args, name)})")
-    for name in ["prefill", "eval_episodes", "checkpoint_every", "bt_lambda", "bt_scale", "noop_max", "free_nats", "entropy", "recency", "weight_decay", "kl_scale"]:
+    for name in ["prefill", "eval_episodes", "checkpoint_every", "bt_lambda", "bt_scale", "noop_max", "free_nats",
+                 "entropy", "recency", "weight_decay", "kl_scale"]:
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be >= 0 (got {getattr(args, name)})")
     for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda"]:
@@ -806,7 +811,8 @@ def log_progress(args, writer, step, updates, trained_steps, frames_per_step, wi
     writer.add_scalar("charts/train_ratio", updates * args.batch_size * args.seq_len / trained_steps, step)
     eta = datetime.timedelta(seconds=int((args.total_steps - step) / sps))
     print(f"step {step:,} | frames {step * frames_per_step:,} | SPS {sps:.0f} | FPS {sps * frames_per_step:.0f} | "
-          f"UPS {ups:.2f} | ETA {eta} | {100 * step / args.total_steps:.1f}% | last mean return {mean_return}", flush=True)
+          f"UPS {ups:.2f} | ETA {eta} | {100 * step / args.total_steps:.1f}% | last mean return {mean_return}",
+          flush=True)
     return time.time(), step, updates
 
 
@@ -997,9 +1003,11 @@ def main(args: Args):
         wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
                    config=vars(args), name=run_name, save_code=True)
     writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(f"|{k}|{v}|" for k, v in vars(args).items()))
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    print(f"run {run_name} on {device}: {kind} env {env_id} x{args.num_envs}, {action_dim} actions, preset {args.preset}, "
+    print(f"run {run_name} on {device}: {kind} env {env_id} x{args.num_envs}, {action_dim} actions, "
+          f"preset {args.preset}, "
           f"{params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps"
           + (f", resumed at step {counters['global_step']:,}" if state else ""), flush=True)
 
