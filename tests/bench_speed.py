@@ -44,7 +44,8 @@ def main(argv):
     count = lambda m: sum(p.numel() for p in m.parameters() if p.requires_grad)
     print(f"device {device} | torch {torch.__version__} | threads {torch.get_num_threads()} | preset {args.preset} | "
           f"batch {args.batch_size}x{args.seq_len} | horizon {args.horizon}")
-    print(f"parameters: world model {count(agent.wm) / 1e6:.2f}M (decoder {count(agent.wm.decoder) / 1e6:.2f}M), "
+    decoder = f"decoder {count(agent.wm.decoder) / 1e6:.2f}M" if agent.wm.decoder is not None else "no decoder"
+    print(f"parameters: world model {count(agent.wm) / 1e6:.2f}M ({decoder}), "
           f"actor {count(agent.ac.actor) / 1e6:.2f}M, critic {count(agent.ac.critic) / 1e6:.2f}M, "
           f"total {count(agent) / 1e6:.2f}M")
 
