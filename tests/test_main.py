@@ -119,3 +119,14 @@ def test_import_has_no_side_effects():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout == ""
     assert os.listdir(".") == []
+
+
+def test_track_logs_to_wandb_offline(tiny_args, monkeypatch, tmp_path):
+    for var, folder in [("WANDB_DIR", "wandb"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                        ("WANDB_CONFIG_DIR", "wandb-config"), ("XDG_CACHE_HOME", "cache")]:
+        (tmp_path / folder).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / folder))
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    da.main(tiny_args(track=True, total_steps=160, eval_episodes=0))
+    (run,) = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*"))
+    assert glob.glob(os.path.join(run, "*.wandb"))  # the run's own log, ready for `wandb sync`
