@@ -803,7 +803,7 @@ def log_progress(args, writer, step, updates, trained_steps, frames_per_step, wi
     if window is None or step == window[1]:
         print(f"prefill {step:,}/{args.prefill:,} policy steps | last mean return {mean_return}", flush=True)
         return window
-    seconds, steps, window_updates = time.time() - window[0], step - window[1], updates - window[2]
+    seconds, steps, window_updates = max(time.time() - window[0], 1e-6), step - window[1], updates - window[2]
     sps, ups = steps / seconds, window_updates / seconds
     writer.add_scalar("charts/SPS", sps, step)
     writer.add_scalar("charts/FPS", sps * frames_per_step, step)
@@ -830,12 +830,17 @@ def save_checkpoint(path: str, agent: Dreamer, args: Args, counters: dict):
     os.replace(f"{path}.tmp", path)
 
 
+def first_line(error: Exception) -> str:
+    """An exception as one short line for `fail`, even when its message is empty or spans many lines."""
+    return f"{type(error).__name__}: {(str(error).splitlines() or [''])[0][:120]}"
+
+
 def load_checkpoint(path: str, flag: str) -> dict:
     """torch.load with weights_only=True (tensors and plain containers only): a checkpoint can never run code."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # missing, truncated, tampered with, or not a checkpoint at all
-        fail(flag, f"cannot read '{path}' as a checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+        fail(flag, f"cannot read '{path}' as a checkpoint ({first_line(e)})")
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         fail(flag, f"'{path}' is not a dreamer_atari checkpoint")
     return state
@@ -847,7 +852,7 @@ def restore(agent: Dreamer, state: dict, flag: str):
         for name, opt in agent.optimizers().items():
             opt.load_state_dict(state["optimizers"][name])
     except (RuntimeError, KeyError, ValueError) as e:
-        fail(flag, f"the checkpoint's tensors do not fit this model ({str(e).splitlines()[0][:120]})")
+        fail(flag, f"the checkpoint's tensors do not fit this model ({first_line(e)})")
 
 
 def write_gif(frames: list[np.ndarray], path: str, scale: int = 4):
@@ -977,6 +982,10 @@ def main(args: Args):
     kind, env_id = resolve_env(args.env)
     env_name = re.sub(r"[^\w.-]", "_", env_id)  # `module:EnvId` makes no folder name on every system
     run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    for suffix in range(2, 1000):  # two runs started in the same second never share a folder
+        if not os.path.exists(f"runs/{run_name}"):
+            break
+        run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}-{suffix}"
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
