@@ -135,3 +135,11 @@ def test_track_logs_to_wandb_offline(tiny_args, monkeypatch, tmp_path):
     da.main(tiny_args(track=True, total_steps=160, eval_episodes=0))
     (run,) = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*"))
     assert glob.glob(os.path.join(run, "*.wandb"))  # the run's own log, ready for `wandb sync`
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tiny_args, monkeypatch):
+    calls = iter(range(10**6))
+    monkeypatch.setattr(da.time, "time", lambda: 1_800_000_000.0 + next(calls) * 1e-4)  # both runs in one second
+    names = [da.main(tiny_args(total_steps=120, eval_episodes=0)) for _ in range(2)]
+    assert names[0] != names[1]
+    assert all(len(glob.glob(f"runs/{name}/events.*")) == 1 for name in names)
