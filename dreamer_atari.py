@@ -932,6 +932,8 @@ def evaluate_checkpoint(args: Args) -> dict:
     envs.close()
     agent = Dreamer(args, obs_shape, action_dim, device)
     restore(agent, state, "--eval-checkpoint")
+    print(f"evaluating {path}: env {args.env}, preset {args.preset}, trained for "
+          f"{state['counters']['global_step']:,} policy steps (game and sizes come from the checkpoint)", flush=True)
     writer = SummaryWriter(os.path.dirname(path) or ".")
     try:
         return report_evaluation(args, agent, writer, state["counters"]["global_step"], f"{path}.eval.json")

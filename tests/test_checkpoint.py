@@ -128,6 +128,7 @@ def test_eval_checkpoint_prints_and_writes_json_and_a_gif(tiny_args, capsys, tmp
     gif = str(tmp_path / "episode.gif")
     stats = da.main(da.Args(eval_checkpoint=path, eval_episodes=3, eval_gif=gif))
     out = capsys.readouterr().out
+    assert "env SpaceInvaders, preset v2, trained for 240 policy steps" in out
     assert "eval policy over 3 episodes: mean" in out and "eval random over 3 episodes" in out
     with open(f"{path}.eval.json") as f:
         saved = json.load(f)
