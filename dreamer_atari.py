@@ -1027,13 +1027,13 @@ def main(args: Args):
     prev_action, reward = np.zeros(n, np.int64), np.zeros(n, np.float32)
     terminated, done, is_first = np.zeros(n, bool), np.zeros(n, bool), np.ones(n, bool)
     ep_return, ep_length, recent_returns = np.zeros(n), np.zeros(n, np.int64), deque(maxlen=10)
-    global_step, updates = counters["global_step"], counters["updates"]
+    global_step = counters["global_step"]  # updates are counted by agent.ac.updates alone
     train_from = global_step + args.prefill if state else args.prefill  # a resumed run refills its buffer first
     next_checkpoint = global_step + args.checkpoint_every if args.save_model and args.checkpoint_every else None
     video, video_episode = ([obs[0]] if args.capture_video else None), 0
     metrics, window, last_log = [], None, time.time()  # window: (time, step, updates) where the rate window began
     previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
-    counters_now = lambda: dict(counters, global_step=global_step, updates=updates)
+    counters_now = lambda: dict(counters, global_step=global_step, updates=agent.ac.updates)
     try:
         try:
             while global_step < args.total_steps:
@@ -1055,18 +1055,17 @@ def main(args: Args):
                     video = capture(video, video_episode, obs[0], is_first[0], done[0], run_name)
                     video_episode += int(done[0])
                 if learning:
-                    window = window or (time.time(), global_step, updates)
+                    window = window or (time.time(), global_step, agent.ac.updates)
                     counters["train_credit"] += n
                     counters["trained_steps"] += n
                     while counters["train_credit"] >= args.train_every:  # exact cadence for any num_envs
                         metrics.append(agent.train_step(buffer.sample()))
                         counters["train_credit"] -= args.train_every
-                        updates += 1
                 if next_checkpoint is not None and global_step >= next_checkpoint:
                     save_checkpoint(path, agent, args, counters_now())
                     next_checkpoint += args.checkpoint_every
                 if time.time() - last_log >= args.log_seconds or global_step >= args.total_steps:
-                    window = log_progress(args, writer, global_step, updates, counters["trained_steps"],
+                    window = log_progress(args, writer, global_step, agent.ac.updates, counters["trained_steps"],
                                           frames_per_step, window, metrics, recent_returns)
                     log_images(writer, agent, global_step)
                     metrics, last_log = [], time.time()
