@@ -593,8 +593,8 @@ class WorldModel(nn.Module):
             self.decoder, self.bt_proj = ConvDecoder(feat, obs_shape[0], args.cnn_depth), None
         else:  # no decoder parameters, no decoder compute: a linear projection of latent features instead
             proj_in = self.rssm.stoch_dim if args.bt_pair == "prior-posterior" else feat  # see representation_loss
-            pixels = args.bt_pair == "posterior-pixels"
-            proj_out = obs_shape[0] * (64 // CELL) ** 2 if pixels else self.encoder.out_dim
+            cells = obs_shape[0] * (obs_shape[1] // CELL) * (obs_shape[2] // CELL)  # the posterior-pixels target
+            proj_out = cells if args.bt_pair == "posterior-pixels" else self.encoder.out_dim
             self.decoder, self.bt_proj = None, nn.Linear(proj_in, proj_out)
         self.reward_head = mlp(feat, 1, args.mlp_units, args.mlp_layers)
         self.cont_head = mlp(feat, 1, args.mlp_units, args.mlp_layers)
