@@ -1100,6 +1100,7 @@ def main(args: Args):
         envs.close()
         if args.track:
             wandb.finish()
+            wandb.tensorboard.unpatch()  # a later run in this process must not write into this run's folder
     return run_name
 
 

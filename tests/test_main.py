@@ -135,6 +135,9 @@ def test_track_logs_to_wandb_offline(tiny_args, monkeypatch, tmp_path):
     da.main(tiny_args(track=True, total_steps=160, eval_episodes=0))
     (run,) = glob.glob(str(tmp_path / "wandb" / "wandb" / "offline-run-*"))
     assert glob.glob(os.path.join(run, "*.wandb"))  # the run's own log, ready for `wandb sync`
+    import wandb
+
+    assert wandb.patched["tensorboard"] == []  # a later main() in this process logs to its own folder again
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tiny_args, monkeypatch):
