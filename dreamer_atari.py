@@ -393,7 +393,12 @@ class ConvEncoder(nn.Module):
         self.out_dim = depth * 8 * 2 * 2
 
     def forward(self, obs):
-        return self.net(obs)
+        """The first conv (kernel 4, stride 2) runs as space-to-depth, then a 2x2 conv over 4x the channels: the same
+        weights and result, and on the CPU its backward pass took 3-10x less time than oneDNN's on 1-3 channels."""
+        first = self.net[0]
+        out, inp = first.weight.shape[:2]  # kernel index 2a + p: a moves on the 2x coarser grid, p is the phase
+        weight = first.weight.unflatten(2, (2, 2)).unflatten(4, (2, 2)).permute(0, 1, 3, 5, 2, 4)
+        return self.net[1:](F.conv2d(F.pixel_unshuffle(obs, 2), weight.reshape(out, 4 * inp, 2, 2), first.bias))
 
 
 class ConvDecoder(nn.Module):
@@ -409,7 +414,17 @@ class ConvDecoder(nn.Module):
             nn.ConvTranspose2d(depth, channels, 6, 2))
 
     def forward(self, feat):
-        return self.net(self.linear(feat)[..., None, None])
+        """Two layers run in a cheaper form with the same weights and result (checked in tests/test_math.py). The
+        first transposed conv sees a 1x1 input, so it is a matmul. The last (kernel 6, stride 2) is sub-pixel: each
+        of the 4 output phases is a 3x3 conv with every other tap of the flipped kernel, then pixel_shuffle
+        interleaves them; oneDNN ran it 2-3x slower on the CPU as a transposed conv with 1-3 output channels."""
+        first, last = self.net[0], self.net[-1]
+        x = self.linear(feat) @ first.weight.flatten(1) + first.bias.repeat_interleave(25)
+        x = self.net[1:-1](x.unflatten(-1, (first.out_channels, 5, 5)))
+        inp, out = last.weight.shape[:2]  # kernel index 2m + p: m taps the input at i - m, p is the output phase
+        weight = last.weight.unflatten(2, (3, 2)).unflatten(4, (3, 2)).flip(2, 4).permute(1, 3, 5, 0, 2, 4)
+        x = F.conv2d(x, weight.reshape(4 * out, inp, 3, 3), last.bias.repeat_interleave(4), padding=2)
+        return F.pixel_shuffle(x, 2)
 
 
 class LayerNormGRUCell(nn.Module):

@@ -114,3 +114,28 @@ def test_actor_critic_update_touches_only_its_own_networks(tiny_args):
     assert any(not torch.equal(a, b) for a, b in zip(actor_before, agent.ac.actor.parameters()))
     assert all(p.grad is None for p in agent.wm.parameters())
     assert all(torch.isfinite(torch.as_tensor(v)) for v in metrics.values())
+
+
+def grads_of(module, output):
+    module.zero_grad()
+    output.square().sum().backward()
+    return {name: p.grad.clone() for name, p in module.named_parameters()}
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_encoder_and_decoder_compute_what_their_plain_layers_compute(channels):
+    """The space-to-depth first conv, the 1x1 transposed conv as a matmul and the sub-pixel last layer: same weights,
+    same outputs and same gradients as running the modules' own layers in sequence."""
+    torch.manual_seed(0)
+    encoder, decoder = da.ConvEncoder(channels, 4), da.ConvDecoder(24, channels, 4)
+    obs, feat = torch.randn(3, channels, 64, 64), torch.randn(3, 24)
+    plain_decoder = lambda: decoder.net(decoder.linear(feat)[..., None, None])
+    for module, fast, plain in [(encoder, lambda: encoder(obs), lambda: encoder.net(obs)),
+                                (decoder, lambda: decoder(feat), plain_decoder)]:
+        out, ref = fast(), plain()
+        assert out.shape == ref.shape and out.std() > 0.01
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        got, want = grads_of(module, fast()), grads_of(module, plain())
+        assert got.keys() == want.keys()
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
