@@ -10,6 +10,7 @@ Papers: DreamerV1 arXiv 1912.01603, DreamerV2 arXiv 2010.02193 (equation numbers
 """
 
 import copy
+import ctypes
 import dataclasses
 import datetime
 import difflib
@@ -394,11 +395,13 @@ class ConvEncoder(nn.Module):
 
     def forward(self, obs):
         """The first conv (kernel 4, stride 2) runs as space-to-depth, then a 2x2 conv over 4x the channels: the same
-        weights and result, and on the CPU its backward pass took 3-10x less time than oneDNN's on 1-3 channels."""
+        weights and result, and on the CPU its backward pass took 3-10x less time than oneDNN's on 1-3 channels.
+        Activations are channels-last, oneDNN's own layout; in NCHW each backward pass copied them into it."""
         first = self.net[0]
         out, inp = first.weight.shape[:2]  # kernel index 2a + p: a moves on the 2x coarser grid, p is the phase
         weight = first.weight.unflatten(2, (2, 2)).unflatten(4, (2, 2)).permute(0, 1, 3, 5, 2, 4)
-        return self.net[1:](F.conv2d(F.pixel_unshuffle(obs, 2), weight.reshape(out, 4 * inp, 2, 2), first.bias))
+        obs = F.pixel_unshuffle(obs, 2).contiguous(memory_format=torch.channels_last)  # oneDNN's layout: no copies
+        return self.net[1:](F.conv2d(obs, weight.reshape(out, 4 * inp, 2, 2), first.bias))
 
 
 class ConvDecoder(nn.Module):
@@ -420,7 +423,7 @@ class ConvDecoder(nn.Module):
         interleaves them; oneDNN ran it 2-3x slower on the CPU as a transposed conv with 1-3 output channels."""
         first, last = self.net[0], self.net[-1]
         x = self.linear(feat) @ first.weight.flatten(1) + first.bias.repeat_interleave(25)
-        x = self.net[1:-1](x.unflatten(-1, (first.out_channels, 5, 5)))
+        x = self.net[1:-1](x.unflatten(-1, (first.out_channels, 5, 5)).contiguous(memory_format=torch.channels_last))
         inp, out = last.weight.shape[:2]  # kernel index 2m + p: m taps the input at i - m, p is the output phase
         weight = last.weight.unflatten(2, (3, 2)).unflatten(4, (3, 2)).flip(2, 4).permute(1, 3, 5, 0, 2, 4)
         x = F.conv2d(x, weight.reshape(4 * out, inp, 3, 3), last.bias.repeat_interleave(4), padding=2)
@@ -745,12 +748,27 @@ class ActorCritic(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Agent
 # ----------------------------------------------------------------------------------------------------------------
+def keep_freed_memory():
+    """CPU runs on glibc: freed memory stays in the heap for the next update (mallopt: no mmap, trim above 2 GiB),
+    as CUDA's caching allocator does on a GPU. Otherwise each update's large activations go back to the OS and
+    return as zeroed pages: `tests/bench_objectives.py --rounds 3` at v2 sizes took 6.7M minor page faults and 46 s
+    of kernel time, 0.75M and 9 s with this. Elsewhere (no glibc) nothing changes."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-4, 0)  # M_MMAP_MAX
+    libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
+
+
 class Dreamer(nn.Module):
     """World model + actor-critic. Keeps each env's posterior state for acting and each batch row's state for
     truncated BPTT."""
 
     def __init__(self, args: Args, obs_shape, action_dim: int, device: torch.device):
         super().__init__()
+        if device.type == "cpu":
+            keep_freed_memory()
         self.args, self.device, self.action_dim = args, device, action_dim
         self.wm = WorldModel(args, obs_shape, action_dim)
         self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim)
