@@ -422,11 +422,13 @@ class ConvDecoder(nn.Module):
         of the 4 output phases is a 3x3 conv with every other tap of the flipped kernel, then pixel_shuffle
         interleaves them; oneDNN ran it 2-3x slower on the CPU as a transposed conv with 1-3 output channels."""
         first, last = self.net[0], self.net[-1]
-        x = self.linear(feat) @ first.weight.flatten(1) + first.bias.repeat_interleave(25)
-        x = self.net[1:-1](x.unflatten(-1, (first.out_channels, 5, 5)).contiguous(memory_format=torch.channels_last))
-        inp, out = last.weight.shape[:2]  # kernel index 2m + p: m taps the input at i - m, p is the output phase
-        weight = last.weight.unflatten(2, (3, 2)).unflatten(4, (3, 2)).flip(2, 4).permute(1, 3, 5, 0, 2, 4)
-        x = F.conv2d(x, weight.reshape(4 * out, inp, 3, 3), last.bias.repeat_interleave(4), padding=2)
+        k = first.kernel_size[0]
+        x = self.linear(feat) @ first.weight.flatten(1) + first.bias.repeat_interleave(k * k)
+        x = self.net[1:-1](x.unflatten(-1, (first.out_channels, k, k)).contiguous(memory_format=torch.channels_last))
+        # kernel index 2m + p: m taps the input at i - m, p is the output phase
+        inp, out, taps = *last.weight.shape[:2], last.kernel_size[0] // 2
+        weight = last.weight.unflatten(2, (taps, 2)).unflatten(4, (taps, 2)).flip(2, 4).permute(1, 3, 5, 0, 2, 4)
+        x = F.conv2d(x, weight.reshape(4 * out, inp, taps, taps), last.bias.repeat_interleave(4), padding=taps - 1)
         return F.pixel_shuffle(x, 2)
 
 
