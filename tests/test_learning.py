@@ -10,7 +10,7 @@ Measured on the development machine (2 CPU cores; seeds 1, 2, 3, seed 1 runs her
 - v2 with decoder, 8,000 policy steps (1,875 updates): 0.58, 0.70, 0.22 before the conv layout changes, seed 1
   0.56 with this code. Flipping the actor loss's sign gave -0.82, cutting the reward term out of the world-model
   loss -0.94: both fail.
-- decoder-free, 16,000 policy steps (3,875 updates, each about 0.6 of a decoder update): 0.30, 0.38, 0.92 with this
+- decoder-free, 16,000 policy steps (3,875 updates, each about half a decoder update): 0.30, 0.38, 0.92 with this
   code; 0.66, 0.84, 0.88 before the conv layout changes (same math, float round-off drifts). Flipping the actor
   loss's sign gave -0.82, cutting the Barlow Twins term (--bt-scale 0) -0.78: both fail. At 12,000 steps seed 1
   scored 0.22, then -0.16 after the channels-last change: too close to the threshold for CI.
