@@ -43,7 +43,8 @@ class Args:
     """Train a Dreamer agent. Units: a policy step is one agent decision in one env; on Atari it spans 4 emulator
     frames (action repeat). Step counts below are policy steps summed over envs unless they say frames."""
 
-    # Fields whose default is None take their value from --preset (see PRESETS); an explicit value always wins.
+    # Fields whose default is None take their value from --size (see SIZES), else from --preset (see PRESETS); an
+    # explicit value always wins.
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
     """the name of this experiment (part of the run folder name)"""
     seed: int = 1
@@ -92,6 +93,11 @@ class Args:
     preset: Literal["v1", "v2", "decoder-free"] = "v2"
     """v2: DreamerV2 (32x32 categorical latents, KL balancing); v1: DreamerV1 (Gaussian latents, free nats);
     decoder-free: v2 latents with a Barlow Twins objective instead of the image decoder"""
+    size: Literal["preset", "small", "tiny"] = "preset"
+    """network sizes with the batch, sequence and horizon shapes that belong with them (SIZES): preset (the paper's);
+    small (a 2-core CPU size for small pixel tasks: 0.4M parameters; it also raises the learning rates and the
+    entropy bonus and refreshes the slow critic more often, which it needs to learn within tens of thousands of
+    steps); tiny (the test sizes: it runs, it does not learn)"""
     wm_objective: Literal["decoder", "barlow"] = None  # type: ignore[assignment]
     """world-model representation loss: reconstruct pixels, or Barlow Twins between the projected latent feature and
     the frame averaged over 8x8-pixel cells (no decoder)"""
@@ -115,13 +121,13 @@ class Args:
     """size of the hidden layers inside the RSSM"""
     stoch_size: int = None  # type: ignore[assignment]
     """number of stochastic variables (categoricals, or Gaussian dimensions)"""
-    classes: int = 32
+    classes: int = None  # type: ignore[assignment]
     """classes per categorical variable (discrete latents only)"""
     cnn_depth: int = None  # type: ignore[assignment]
     """channels of the first conv layer; they double in each of the 4 layers"""
-    mlp_units: int = 400
+    mlp_units: int = None  # type: ignore[assignment]
     """units per hidden layer of the reward, continue, actor and critic MLPs"""
-    mlp_layers: int = 4
+    mlp_layers: int = None  # type: ignore[assignment]
     """hidden layers of those MLPs"""
     lr_model: float = None  # type: ignore[assignment]
     """world-model learning rate"""
@@ -133,26 +139,26 @@ class Args:
     """discount factor"""
     return_lambda: float = 0.95
     """lambda of the lambda-return"""
-    entropy: float = 1e-3
+    entropy: float = None  # type: ignore[assignment]
     """actor entropy bonus scale (eta)"""
     actor_grad: Literal["reinforce", "dynamics"] = "reinforce"
     """actor gradient: REINFORCE with the slow critic as baseline, or backpropagation through the learned dynamics"""
-    slow_critic_every: int = 100
+    slow_critic_every: int = None  # type: ignore[assignment]
     """copy the critic into the slow target critic every this many updates"""
     grad_clip: float = 100.0
     """global gradient-norm clip for every optimizer"""
     weight_decay: float = 1e-6
     """decoupled weight decay per update on weight matrices (DreamerV2 shrinks them by (1 - wd) each step)"""
 
-    batch_size: int = 16
+    batch_size: int = None  # type: ignore[assignment]
     """sequences per training batch"""
-    seq_len: int = 50
+    seq_len: int = None  # type: ignore[assignment]
     """policy steps per sequence (one truncated-BPTT chunk)"""
-    horizon: int = 15
+    horizon: int = None  # type: ignore[assignment]
     """imagination horizon in policy steps"""
     prefill: int = 5_000
     """random-action policy steps (summed over envs) before training starts (DreamerV2 used 50,000)"""
-    train_every: int = 16
+    train_every: int = None  # type: ignore[assignment]
     """one update per this many policy steps (summed over envs); train ratio = batch x seq / train_every"""
     buffer_size: int = 1_000_000
     """replay capacity in policy steps over all envs (64x64 uint8 frames: 1M steps take 3.8 GiB of RAM)"""
@@ -169,34 +175,48 @@ class Args:
     next to a random policy on the same seeds (0: none)"""
 
 
+SHARED = dict(classes=32, mlp_units=400, mlp_layers=4, batch_size=16, seq_len=50, horizon=15, train_every=16,
+              entropy=1e-3, slow_critic_every=100)  # DreamerV2's Atari settings; v1 keeps them too
 PRESETS = {
-    "v2": dict(wm_objective="decoder", discrete_latents=True, kl_balance=0.8, kl_scale=0.1, free_nats=0.0,
+    "v2": dict(SHARED, wm_objective="decoder", discrete_latents=True, kl_balance=0.8, kl_scale=0.1, free_nats=0.0,
                deter_size=600, hidden_size=600, stoch_size=32, cnn_depth=48, lr_model=2e-4, lr_actor=4e-5,
                lr_critic=1e-4, gamma=0.999),
-    "v1": dict(wm_objective="decoder", discrete_latents=False, kl_balance=0.0, kl_scale=1.0, free_nats=3.0,
+    "v1": dict(SHARED, wm_objective="decoder", discrete_latents=False, kl_balance=0.0, kl_scale=1.0, free_nats=3.0,
                deter_size=200, hidden_size=200, stoch_size=30, cnn_depth=32, lr_model=6e-4, lr_actor=8e-5,
                lr_critic=8e-5, gamma=0.99),
 }
 PRESETS["decoder-free"] = dict(PRESETS["v2"], wm_objective="barlow")
+SIZES = {
+    "preset": {},
+    "small": dict(cnn_depth=8, deter_size=64, hidden_size=64, stoch_size=8, classes=8, mlp_units=64, mlp_layers=2,
+                  batch_size=16, seq_len=16, horizon=8, train_every=4, lr_model=1e-3, lr_actor=1e-3, lr_critic=3e-4,
+                  entropy=1e-2, slow_critic_every=20),
+    "tiny": dict(cnn_depth=4, deter_size=32, hidden_size=32, stoch_size=4, classes=4, mlp_units=32, mlp_layers=1,
+                 batch_size=4, seq_len=8, horizon=5, train_every=8),
+}
 
 
 def apply_preset(args: Args) -> Args:
-    """Fill every field left at None from the preset; explicit values are kept."""
-    preset = PRESETS.get(args.preset)
+    """Fill every field left at None from the size, then from the preset; explicit values are kept."""
+    preset, size = PRESETS.get(args.preset), SIZES.get(args.size)
     if preset is None:
         fail("--preset", f"'{args.preset}' is not a preset; choose one of {', '.join(PRESETS)}")
-    return dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    if size is None:
+        fail("--size", f"'{args.size}' is not a size; choose one of {', '.join(SIZES)}")
+    return dataclasses.replace(args, **{k: v for k, v in (preset | size).items() if getattr(args, k) is None})
 
 
 def cli_defaults(argv: list[str]) -> Args:
-    """Defaults for tyro, resolved from the --preset found in argv, so that --help shows the real values."""
+    """Defaults for tyro, resolved from the --preset and --size found in argv, so that --help shows the real values."""
+    chosen = {}
     for i, arg in enumerate(argv):
-        name = arg.split("=", 1)[1] if arg.startswith("--preset=") else None
-        if arg == "--preset" and i + 1 < len(argv):
-            name = argv[i + 1]
-        if name in PRESETS:
-            return apply_preset(Args(preset=name))
-    return apply_preset(Args())
+        for flag, field, names in [("--preset", "preset", PRESETS), ("--size", "size", SIZES)]:
+            name = arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
+            if arg == flag and i + 1 < len(argv):
+                name = argv[i + 1]
+            if name in names:
+                chosen[field] = name
+    return apply_preset(Args(**chosen))
 
 
 def fail(flag: str, message: str):
@@ -710,17 +730,24 @@ class ActorCritic(nn.Module):
             actions.append(action)
         return torch.stack(feats), torch.stack(actions)
 
+    def imagined_returns(self, wm: WorldModel, h, z, terminated):
+        """Imagine from the states (h, z), predict rewards and continues, and form the lambda-returns against the
+        slow critic. Returns feats, actions, reward, cont, slow_value (H + 1 entries) and returns R_0 .. R_{H-1}."""
+        feats, actions = self.imagine(wm, h, z)
+        reward = wm.reward_head(feats).squeeze(-1).float()
+        cont = torch.sigmoid(wm.cont_head(feats).squeeze(-1).float())
+        cont = torch.cat([self.args.gamma * (1.0 - terminated.float())[None], cont[1:]])  # true first continue
+        slow_value = self.slow_critic(feats).squeeze(-1).float()
+        returns = lambda_return(reward[:-1], cont[:-1], slow_value, self.args.return_lambda)
+        return feats, actions, reward, cont, slow_value, returns
+
     def train_step(self, wm: WorldModel, h, z, terminated) -> dict[str, torch.Tensor]:
         """One actor and one critic update from every posterior state (h, z) of the batch (B*T starts)."""
         args = self.args
         wm.requires_grad_(False)
         with torch.set_grad_enabled(args.actor_grad == "dynamics"):
-            feats, actions = self.imagine(wm, h.detach(), z.detach())
-            reward = wm.reward_head(feats).squeeze(-1).float()
-            cont = torch.sigmoid(wm.cont_head(feats).squeeze(-1).float())
-            cont = torch.cat([args.gamma * (1.0 - terminated.float())[None], cont[1:]])  # true first continue
-            slow_value = self.slow_critic(feats).squeeze(-1).float()
-            returns = lambda_return(reward[:-1], cont[:-1], slow_value, args.return_lambda)  # R_0 .. R_{H-1}
+            feats, actions, reward, cont, slow_value, returns = self.imagined_returns(wm, h.detach(), z.detach(),
+                                                                                      terminated)
         wm.requires_grad_(True)
         weight = torch.cumprod(torch.cat([torch.ones_like(cont[:1]), cont[:-1]]), 0).detach()  # w_t = prod_{k<t} c_k
 
@@ -928,23 +955,28 @@ def evaluate(args: Args, policy, episodes: int, seed: int, frames: list | None =
 
 
 def report_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: int, json_path: str | None) -> dict:
-    """Greedy policy and a random policy on the same seeds: print mean, std, min and max of the return, log them,
-    optionally write them as JSON and a GIF of the policy's first episode."""
+    """The greedy policy (the mode of each action distribution), the sampled policy and a random policy, on the same
+    seeds: print mean, std, min and max of the return, log them, optionally write them as JSON and a GIF of the
+    greedy policy's first episode. A greedy score far below the sampled one shows a half-trained argmax stuck."""
     seed, frames = args.seed + 10_000, [] if args.eval_gif else None
-    agent.act_state = None
-    scores = evaluate(args, lambda o, f: agent.sample_action(o, f, greedy=True), args.eval_episodes, seed, frames)
-    agent.act_state = None
     rng = np.random.default_rng(seed)
-    random_scores = evaluate(args, lambda o, f: rng.integers(agent.action_dim, size=len(o)), args.eval_episodes, seed)
+    policies = {"greedy": lambda o, f: agent.sample_action(o, f, greedy=True),
+                "sampled": lambda o, f: agent.sample_action(o, f),
+                "random": lambda o, f: rng.integers(agent.action_dim, size=len(o))}
     stats = {"env": args.env, "global_step": step, "episodes": args.eval_episodes, "seed": seed}
-    for name, returns in [("policy", scores), ("random", random_scores)]:
+    for name, policy in policies.items():
+        agent.act_state = None
+        returns = evaluate(args, policy, args.eval_episodes, seed, frames if name == "greedy" else None)
         stats[name] = dict(mean=float(np.mean(returns)), std=float(np.std(returns)), min=float(np.min(returns)),
                            max=float(np.max(returns)), returns=returns)
-        print(f"eval {name:6s} over {args.eval_episodes} episodes: mean {np.mean(returns):.2f} +- {np.std(returns):.2f}"
-              f" (min {np.min(returns):.2f}, max {np.max(returns):.2f})", flush=True)
-    for i, score in enumerate(scores):
-        writer.add_scalar("eval/episodic_return", score, i)
-    writer.add_scalar("eval/mean_return", stats["policy"]["mean"], step)
+        print(f"eval {name:7s} over {args.eval_episodes} episodes: mean {np.mean(returns):.2f} +- "
+              f"{np.std(returns):.2f} (min {np.min(returns):.2f}, max {np.max(returns):.2f})", flush=True)
+    agent.act_state = None
+    for i, (greedy, sampled) in enumerate(zip(stats["greedy"]["returns"], stats["sampled"]["returns"])):
+        writer.add_scalar("eval/episodic_return", greedy, i)
+        writer.add_scalar("eval/sampled_episodic_return", sampled, i)
+    writer.add_scalar("eval/mean_return", stats["greedy"]["mean"], step)
+    writer.add_scalar("eval/sampled_mean_return", stats["sampled"]["mean"], step)
     writer.add_scalar("eval/random_mean_return", stats["random"]["mean"], step)
     if json_path:
         with open(json_path, "w") as f:

@@ -8,9 +8,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dreamer_atari as da  # noqa: E402
 
 # Tiny sizes: a few hundred policy steps of real ALE SpaceInvaders run in seconds on 2 CPU cores.
-TINY = dict(deter_size=32, hidden_size=32, stoch_size=4, classes=4, cnn_depth=4, mlp_units=32, mlp_layers=1,
-            batch_size=4, seq_len=8, horizon=5, train_every=8, prefill=100, buffer_size=2000, log_seconds=0.5,
-            eval_episodes=2)
+TINY = dict(size="tiny", prefill=100, buffer_size=2000, log_seconds=0.5, eval_episodes=2)
 
 
 @pytest.fixture

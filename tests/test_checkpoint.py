@@ -129,11 +129,12 @@ def test_eval_checkpoint_prints_and_writes_json_and_a_gif(tiny_args, capsys, tmp
     stats = da.main(da.Args(eval_checkpoint=path, eval_episodes=3, eval_gif=gif))
     out = capsys.readouterr().out
     assert "env SpaceInvaders, preset v2, trained for 240 policy steps" in out
-    assert "eval policy over 3 episodes: mean" in out and "eval random over 3 episodes" in out
+    for name in ["greedy ", "sampled", "random "]:
+        assert f"eval {name} over 3 episodes: mean" in out
     with open(f"{path}.eval.json") as f:
         saved = json.load(f)
     assert saved == json.loads(json.dumps(stats))
-    for name in ["policy", "random"]:
+    for name in ["greedy", "sampled", "random"]:
         assert len(saved[name]["returns"]) == 3
         assert saved[name]["min"] <= saved[name]["mean"] <= saved[name]["max"]
     with Image.open(gif) as image:
@@ -141,7 +142,7 @@ def test_eval_checkpoint_prints_and_writes_json_and_a_gif(tiny_args, capsys, tmp
         image.seek(image.n_frames - 1)
     acc = EventAccumulator(os.path.dirname(path))
     acc.Reload()
-    assert len(acc.Scalars("eval/episodic_return")) == 3
+    assert len(acc.Scalars("eval/episodic_return")) == len(acc.Scalars("eval/sampled_episodic_return")) == 3
 
 
 def test_capture_video_and_open_loop_dream(tiny_args):

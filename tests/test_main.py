@@ -41,12 +41,14 @@ def test_main_trains_on_ale_and_logs_everything(tiny_args, overrides):
     assert fps_per_sps == pytest.approx([4.0] * len(fps_per_sps))  # action repeat 4
     # train ratio = batch x seq / train_every, exactly, even when num_envs does not divide train_every
     trained = 360 - -(-100 // args.num_envs) * args.num_envs  # policy steps after the prefill (whole env steps)
-    updates = trained // args.train_every
+    updates = trained // da.apply_preset(args).train_every  # tiny: 8 unless the case sets it
     assert values["charts/train_ratio"][-1] == pytest.approx(updates * 4 * 8 / trained)
     assert all(length == 100 for length in values["charts/episodic_length"])  # truncation at the frame cap
     assert os.path.exists(os.path.join("runs", run_name, "dreamer_atari.cleanrl_model"))
     assert len(values["eval/episodic_return"]) == 2  # the final greedy evaluation, next to a random policy
-    assert math.isfinite(values["eval/mean_return"][0]) and math.isfinite(values["eval/random_mean_return"][0])
+    for tag in ["eval/mean_return", "eval/sampled_mean_return", "eval/random_mean_return"]:
+        assert math.isfinite(values[tag][0])
+    assert len(values["eval/sampled_episodic_return"]) == 2
 
 
 def test_seeded_cpu_runs_repeat(tiny_args):
@@ -117,6 +119,17 @@ def test_preset_fills_only_what_is_not_given():
     assert args.kl_balance == 0.0 and args.free_nats == 3.0
     cli = da.cli_defaults(["--env", "Pong", "--preset=v1"])
     assert cli.stoch_size == 30 and cli.gamma == 0.99
+
+
+def test_size_sets_shapes_and_explicit_flags_still_win():
+    small = da.apply_preset(da.Args(size="small", horizon=12, preset="v1"))
+    assert (small.deter_size, small.cnn_depth, small.seq_len, small.lr_actor) == (64, 8, 16, 1e-3)
+    assert small.horizon == 12 and not small.discrete_latents and small.free_nats == 3.0  # the preset's math stays
+    assert da.apply_preset(da.Args()).deter_size == 600 and da.apply_preset(da.Args(size="tiny")).deter_size == 32
+    assert da.cli_defaults(["--size", "small", "--preset", "v1"]).mlp_units == 64
+    assert da.cli_defaults(["--size=tiny"]).batch_size == 4
+    with pytest.raises(SystemExit):
+        da.apply_preset(da.Args(size="huge"))
 
 
 def test_import_has_no_side_effects():
