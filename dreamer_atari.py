@@ -280,7 +280,13 @@ def resolve_env(name: str) -> tuple[str, str]:
     rom = short if short in roms else re.sub(r"(?<!^)(?=[A-Z])", "_", short).lower()
     if rom in roms:
         return "atari", rom
-    if name in gym.registry:
+    spec = gym.registry.get(name)
+    if spec is not None and str(spec.entry_point).startswith("ale_py"):  # e.g. CleanRL's BreakoutNoFrameskip-v4
+        game = "".join(part.title() for part in str(spec.kwargs.get("game", "")).split("_"))
+        fail("--env", f"'{name}' is a gymnasium Atari id with its own frame skip and sticky actions; this script "
+                      f"applies the DreamerV2 Atari protocol itself (--sticky-actions, action repeat 4, 64x64 gray): "
+                      f"use --env {game}")
+    if spec is not None:
         return "gym", name
     camel = {r.title().replace("_", ""): r for r in roms}
     close = difflib.get_close_matches(short, list(camel), n=3)

@@ -43,3 +43,10 @@ def test_env_flag_accepts_module_ids(capsys):
     with pytest.raises(SystemExit):
         da.resolve_env("no_such_module:Catch-v0")
     assert capsys.readouterr().err.startswith("error: --env: cannot import")
+
+
+def test_gymnasium_atari_ids_point_to_the_game_name(capsys):
+    with pytest.raises(SystemExit):
+        da.resolve_env("MsPacmanNoFrameskip-v4")  # CleanRL's ids: their own frame skip and sticky actions
+    assert capsys.readouterr().err.rstrip().endswith("use --env MsPacman")
+    assert da.resolve_env("ALE/MsPacman-v5") == ("atari", "ms_pacman")
