@@ -241,6 +241,13 @@ def validate(args: Args) -> Args:
     for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda"]:
         if not 0 <= getattr(args, name) <= 1:
             fail("--" + name.replace("_", "-"), f"must be in [0, 1] (got {getattr(args, name)})")
+    if args.eval_gif and args.eval_episodes < 1:
+        fail("--eval-gif", "needs --eval-episodes 1 or more (there is no evaluation episode to record)")
+    if args.eval_checkpoint:  # evaluation only: the checkpoint brings its own sizes; no training flag applies
+        if args.eval_episodes < 1:
+            fail("--eval-episodes", "must be at least 1 with --eval-checkpoint")
+        resolve_env(args.env)
+        return args
     per_env = args.buffer_size // args.num_envs
     if args.seq_len > per_env:
         fail("--seq-len", f"{args.seq_len} is longer than the {per_env} steps each env's stream can hold "
@@ -252,8 +259,6 @@ def validate(args: Args) -> Args:
                           f"so that one full sequence exists when training starts (got {args.prefill})")
     if args.total_steps <= args.prefill:
         fail("--total-steps", f"must exceed --prefill {args.prefill} (got {args.total_steps})")
-    if args.eval_checkpoint and args.eval_episodes < 1:
-        fail("--eval-episodes", "must be at least 1 with --eval-checkpoint")
     resolve_env(args.env)
     return args
 
@@ -863,15 +868,17 @@ class Dreamer(nn.Module):
 # ----------------------------------------------------------------------------------------------------------------
 # Main loop
 # ----------------------------------------------------------------------------------------------------------------
-def log_progress(args, writer, step, updates, trained_steps, frames_per_step, window, metrics, recent_returns):
+def log_progress(args, writer, step, updates, trained_steps, frames_per_step, window, metrics, recent_returns,
+                 train_from):
     """Averaged training metrics, windowed rates (prefill excluded) and one console line; returns the new window.
-    The train ratio is replayed steps per policy step since the prefill ended."""
+    The train ratio is replayed steps per policy step since the prefill ended; training starts at `train_from`."""
     for key in metrics[0] if metrics else []:
         writer.add_scalar(key, np.mean([m[key] for m in metrics]), step)
     writer.add_scalar("charts/PRGS", step / args.total_steps, step)
     mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
     if window is None or step == window[1]:
-        print(f"prefill {step:,}/{args.prefill:,} policy steps | last mean return {mean_return}", flush=True)
+        done = min(step - (train_from - args.prefill), args.prefill)  # a resumed run refills from its saved step
+        print(f"prefill {done:,}/{args.prefill:,} policy steps | last mean return {mean_return}", flush=True)
         return window
     seconds, steps, window_updates = max(time.time() - window[0], 1e-6), step - window[1], updates - window[2]
     sps, ups = steps / seconds, window_updates / seconds
@@ -1141,7 +1148,7 @@ def main(args: Args):
                     next_checkpoint += args.checkpoint_every
                 if time.time() - last_log >= args.log_seconds or global_step >= args.total_steps:
                     window = log_progress(args, writer, global_step, agent.ac.updates, counters["trained_steps"],
-                                          frames_per_step, window, metrics, recent_returns)
+                                          frames_per_step, window, metrics, recent_returns, train_from)
                     log_images(writer, agent, global_step)
                     metrics, last_log = [], time.time()
             if args.save_model:

@@ -51,7 +51,7 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tiny_args, monkeypatch
     assert all(torch.equal(after["agent"][k], before["agent"][k]) for k in before["agent"])
 
 
-def test_resume_restores_weights_bit_for_bit_and_continues_the_step(tiny_args):
+def test_resume_restores_weights_bit_for_bit_and_continues_the_step(tiny_args, capsys):
     path, _ = trained_checkpoint(tiny_args)
     state = torch.load(path, weights_only=True)
     args = da.validate(tiny_args())
@@ -61,7 +61,10 @@ def test_resume_restores_weights_bit_for_bit_and_continues_the_step(tiny_args):
     adam_steps = [s["step"] for s in agent.wm.opt.state_dict()["state"].values()]
     assert adam_steps and all(float(s) == state["counters"]["updates"] for s in adam_steps)
 
-    run_name = da.main(tiny_args(resume=path, **{**SHORT, "total_steps": 480}))
+    capsys.readouterr()
+    run_name = da.main(tiny_args(resume=path, **{**SHORT, "total_steps": 480, "log_seconds": 1e-3}))
+    prefill_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prefill ")]
+    assert prefill_lines and all(int(line.split()[1].split("/")[0].replace(",", "")) <= 100 for line in prefill_lines)
     acc = EventAccumulator(os.path.join("runs", run_name))
     acc.Reload()
     progress = acc.Scalars("charts/PRGS")
@@ -126,7 +129,8 @@ def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tiny_args, 
 def test_eval_checkpoint_prints_and_writes_json_and_a_gif(tiny_args, capsys, tmp_path):
     path, run_name = trained_checkpoint(tiny_args)
     gif = str(tmp_path / "episode.gif")
-    stats = da.main(da.Args(eval_checkpoint=path, eval_episodes=3, eval_gif=gif))
+    stats = da.main(da.Args(eval_checkpoint=path, eval_episodes=3, eval_gif=gif, total_steps=10))  # training flags
+    # do not apply to an evaluation
     out = capsys.readouterr().out
     assert "env SpaceInvaders, preset v2, trained for 240 policy steps" in out
     for name in ["greedy ", "sampled", "random "]:
@@ -175,3 +179,9 @@ def test_interrupt_saves_a_checkpoint_and_exits_0(sig):
     assert "checkpoint saved to" in out and "--resume" in out
     (path,) = glob.glob("runs/*/dreamer_atari.cleanrl_model")
     assert torch.load(path, weights_only=True)["counters"]["global_step"] > 0
+
+
+def test_eval_gif_without_evaluation_episodes_is_refused(tiny_args, capsys):
+    with pytest.raises(SystemExit):
+        da.main(tiny_args(eval_gif="x.gif", eval_episodes=0))
+    assert capsys.readouterr().err.startswith("error: --eval-gif: needs --eval-episodes 1")
