@@ -13,8 +13,8 @@ Measured on the development machine (2 CPU cores; seed 1 runs here):
   for seeds 1-3 (random -0.80, -0.74, -0.78). Flipping the actor loss's sign gave -0.82, cutting the Barlow Twins
   term (--bt-scale 0) -0.78: both fail. At 12,000 steps seed 1 scored 0.22, then -0.16 after the channels-last
   change: too close to the threshold for CI.
-- v2 with the decoder on Cue, 8,000 policy steps (1,875 updates): greedy 1.00 (this test's run, see README),
-  1.00, 0.22 for seeds 1-3 (random -0.36, -0.32, -0.40). Seed 1 learns after about 4,500 steps (1.00 at 6,000),
+- v2 with the decoder on Cue, 8,000 policy steps (1,875 updates): greedy 1.00, 1.00, 0.22 for seeds 1-3 (random
+  -0.36, -0.32, -0.40; `python tests/bench_tasks.py --task cue --variants decoder --total-steps 8000`). Seed 1 learns after about 4,500 steps (1.00 at 6,000),
   seeds 2 and 3 after about 6,000 (0.34 and -0.42 at 6,000), so the budget leaves seed 1 room. Flipping the actor
   loss's sign gave -0.40 (random -0.36): it fails.
 - v2 with the decoder on Catch, 8,000 steps, was the CI test until Cue joined (0.58, 0.70, 0.22; flipped actor
