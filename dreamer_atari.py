@@ -1064,12 +1064,6 @@ def main(args: Args):
         if state["counters"]["global_step"] >= args.total_steps:
             fail("--total-steps", f"must exceed the checkpoint's step {state['counters']['global_step']:,}")
     kind, env_id = resolve_env(args.env)
-    env_name = re.sub(r"[^\w.-]", "_", env_id)  # `module:EnvId` makes no folder name on every system
-    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    for suffix in range(2, 1000):  # two runs started in the same second never share a folder
-        if not os.path.exists(f"runs/{run_name}"):
-            break
-        run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}-{suffix}"
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1089,6 +1083,15 @@ def main(args: Args):
         counters.update(state["counters"])
         agent.ac.updates = counters["updates"]
 
+    env_name = re.sub(r"[^\w.-]", "_", env_id)  # `module:EnvId` makes no folder name on every system
+    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    os.makedirs("runs", exist_ok=True)
+    for suffix in range(2, 1000):  # mkdir is atomic: runs started in the same second, even in two processes, never
+        try:  # share a folder (an exists() check let two processes take the same one)
+            os.mkdir(f"runs/{run_name}")
+            break
+        except FileExistsError:
+            run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}-{suffix}"
     if args.track:
         import wandb
 
