@@ -1001,19 +1001,26 @@ def report_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: i
     return stats
 
 
-def evaluate_checkpoint(args: Args) -> dict:
-    """--eval-checkpoint: rebuild the agent from the checkpoint's own args and evaluate it."""
-    path = args.eval_checkpoint
-    state = load_checkpoint(path, "--eval-checkpoint")
+def agent_from_checkpoint(path: str, flag: str, **keep) -> tuple[Args, Dreamer, dict]:
+    """Rebuild the agent a checkpoint holds, with the checkpoint's own args (game, preset, sizes) except `keep`.
+    Returns (args, agent, checkpoint)."""
+    state = load_checkpoint(path, flag)
     saved = {k: v for k, v in state["args"].items() if k in Args.__dataclass_fields__}
-    keep = {k: getattr(args, k) for k in ["eval_checkpoint", "eval_episodes", "eval_gif", "seed", "cuda", "num_envs"]}
     args = validate(dataclasses.replace(Args(**saved), **keep, resume=None, track=False, capture_video=False))
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     envs, _ = make_envs(args, args.seed)
     obs_shape, action_dim = to_chw(envs.reset(seed=args.seed)[0]).shape[1:], int(envs.single_action_space.n)
     envs.close()
     agent = Dreamer(args, obs_shape, action_dim, device)
-    restore(agent, state, "--eval-checkpoint")
+    restore(agent, state, flag)
+    return args, agent, state
+
+
+def evaluate_checkpoint(args: Args) -> dict:
+    """--eval-checkpoint: rebuild the agent from the checkpoint's own args and evaluate it."""
+    path = args.eval_checkpoint
+    keep = {k: getattr(args, k) for k in ["eval_checkpoint", "eval_episodes", "eval_gif", "seed", "cuda", "num_envs"]}
+    args, agent, state = agent_from_checkpoint(path, "--eval-checkpoint", **keep)
     print(f"evaluating {path}: env {args.env}, preset {args.preset}, trained for "
           f"{state['counters']['global_step']:,} policy steps (game and sizes come from the checkpoint)", flush=True)
     writer = SummaryWriter(os.path.dirname(path) or ".")

@@ -54,12 +54,10 @@ def play(agent: da.Dreamer, args: da.Args, episodes: int, seed: int) -> list[dic
 
 
 def real_returns(reward: np.ndarray, terminal: np.ndarray, gamma: float) -> np.ndarray:
-    """G_t = tanh(r_t) + c_t G_{t+1}, c_t = gamma * (1 - terminal_t); a truncated episode ends with G = tanh(r)."""
-    out, last = np.zeros(len(reward)), 0.0
-    for t in reversed(range(len(reward))):
-        last = np.tanh(reward[t]) + gamma * (1.0 - terminal[t]) * last
-        out[t] = last
-    return out
+    """G_t = tanh(r_t) + c_t G_{t+1}, c_t = gamma * (1 - terminal_t): the lambda-return with lambda 1 and no
+    bootstrap value, so a truncated episode ends with G = tanh(r)."""
+    cont = torch.as_tensor(gamma * (1.0 - terminal.astype(np.float32)))
+    return da.lambda_return(torch.tanh(torch.as_tensor(reward)), cont, torch.zeros(len(reward) + 1), 1.0).numpy()
 
 
 @torch.no_grad()
@@ -69,14 +67,9 @@ def main():
     parser.add_argument("--episodes", type=int, default=100)
     parser.add_argument("--seed", type=int, default=20_000, help="first env seed (training used --seed)")
     opts = parser.parse_args()
-    state = da.load_checkpoint(opts.checkpoint, "checkpoint")
-    args = da.validate(da.Args(**{k: v for k, v in state["args"].items() if k in da.Args.__dataclass_fields__}))
-    envs, _ = da.make_envs(dataclasses.replace(args, num_envs=1), opts.seed)
-    obs_shape, action_dim = da.to_chw(envs.reset(seed=opts.seed)[0]).shape[1:], int(envs.single_action_space.n)
-    envs.close()
     torch.manual_seed(opts.seed)
-    agent = da.Dreamer(args, obs_shape, action_dim, torch.device("cpu"))
-    da.restore(agent, state, "checkpoint")
+    args, agent, _ = da.agent_from_checkpoint(opts.checkpoint, "checkpoint", seed=opts.seed, cuda=False, num_envs=1)
+    action_dim = agent.action_dim
     episodes = play(agent, args, opts.episodes, opts.seed)
 
     reward = np.concatenate([e["reward"] for e in episodes])
