@@ -243,10 +243,10 @@ def validate(args: Args) -> Args:
             fail("--" + name.replace("_", "-"), f"must be in [0, 1] (got {getattr(args, name)})")
     if args.eval_gif and args.eval_episodes < 1:
         fail("--eval-gif", "needs --eval-episodes 1 or more (there is no evaluation episode to record)")
+    resolve_env(args.env)
     if args.eval_checkpoint:  # evaluation only: the checkpoint brings its own sizes; no training flag applies
         if args.eval_episodes < 1:
             fail("--eval-episodes", "must be at least 1 with --eval-checkpoint")
-        resolve_env(args.env)
         return args
     per_env = args.buffer_size // args.num_envs
     if args.seq_len > per_env:
@@ -259,7 +259,6 @@ def validate(args: Args) -> Args:
                           f"so that one full sequence exists when training starts (got {args.prefill})")
     if args.total_steps <= args.prefill:
         fail("--total-steps", f"must exceed --prefill {args.prefill} (got {args.total_steps})")
-    resolve_env(args.env)
     return args
 
 
