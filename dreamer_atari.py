@@ -14,14 +14,17 @@ import ctypes
 import dataclasses
 import datetime
 import difflib
+import glob
 import importlib
 import json
 import os
 import random
 import re
+import shutil
 import signal
 import sys
 import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -63,13 +66,23 @@ class Args:
     """record env 0's episodes 0, 1, 8, 27, ... (cubic schedule, then every 1000th) as GIFs of the frames the agent
     sees to `runs/{run_name}/videos`"""
     save_model: bool = False
-    """checkpoint to `runs/{run_name}/{exp_name}.cleanrl_model` at the end and every --checkpoint-every steps
-    (Ctrl-C and SIGTERM always checkpoint)"""
-    checkpoint_every: int = 100_000
-    """with --save-model, also checkpoint every this many policy steps (0: only at the end)"""
+    """checkpoint to `runs/{run_name}/{exp_name}.cleanrl_model` at the end and every --checkpoint-every steps, with
+    the replay buffer beside it (Ctrl-C and SIGTERM always checkpoint)"""
+    checkpoint_every: int | None = None
+    """with --save-model, also checkpoint every this many policy steps (default 100,000; 0: only at the end)"""
+    keep_checkpoints: int = 2
+    """checkpoints kept in the run folder: the latest as `{exp_name}.cleanrl_model`, older ones as
+    `{exp_name}.step{N}.cleanrl_model` (the replay is kept for the latest only)"""
+    save_replay: bool = True
+    """write the replay buffer (uint8 frames, about 4 KiB per stored step) next to each checkpoint, so that --resume
+    trains on at once; --no-save-replay saves the disk space, and a resume then refills --prefill steps"""
     resume: str | None = None
-    """continue training from this checkpoint at its saved step with its weights, optimizers and counters; the replay
-    buffer is not in the checkpoint: it refills by collecting --prefill steps with the restored policy first"""
+    """continue a run from its checkpoint: same run folder (TensorBoard curves and the W&B run go on), weights,
+    optimizers, counters, random states and the replay buffer saved beside it; flags you give still apply
+    (optimizer flags too), sizes must match"""
+    resume_without_replay: bool = False
+    """with --resume, accept a missing or mismatched replay file and refill the buffer with --prefill steps of the
+    restored policy instead"""
     eval_checkpoint: str | None = None
     """only evaluate this checkpoint (--eval-episodes greedy episodes next to a random policy); writes
     `<checkpoint>.eval.json` beside it"""
@@ -79,11 +92,15 @@ class Args:
     env: str = "SpaceInvaders"
     """Atari game (`SpaceInvaders`, `Breakout`, `ALE/Pong-v5`, `ms_pacman`) or a gymnasium id with 64x64 image
     observations and discrete actions, registered or as `module:EnvId` (e.g. `tests.catch:Catch-v0`)"""
-    total_steps: int = 1_000_000
+    protocol: Literal["dreamerv2", "atari100k"] = "dreamerv2"
+    """dreamerv2: sticky actions 0.25, 1M policy steps, 10 final evaluation episodes; atari100k: the data-efficient
+    benchmark of recent papers (sticky actions 0, 100,000 policy steps = 400,000 frames, train ratio 256 as in
+    DreamerV3's released Atari-100k config, 100 final evaluation episodes); explicit flags win"""
+    total_steps: int = None  # type: ignore[assignment]
     """total policy steps, summed over envs (frames = 4 x policy steps on Atari)"""
     num_envs: int = 1
     """number of parallel environments"""
-    sticky_actions: float = 0.25
+    sticky_actions: float = None  # type: ignore[assignment]
     """probability that the emulator repeats the previous action (0.25: DreamerV2/Machado protocol; 0: Atari-100k)"""
     noop_max: int = 30
     """maximum number of no-op actions at the start of each episode"""
@@ -158,8 +175,11 @@ class Args:
     """imagination horizon in policy steps"""
     prefill: int = 5_000
     """random-action policy steps (summed over envs) before training starts (DreamerV2 used 50,000)"""
-    train_every: int = None  # type: ignore[assignment]
+    train_every: int | None = None
     """one update per this many policy steps (summed over envs); train ratio = batch x seq / train_every"""
+    train_ratio: float | None = None
+    """replayed steps per policy step instead of --train-every (batch x seq / train ratio policy steps per update,
+    fractions carried over); give one of the two"""
     buffer_size: int = 1_000_000
     """replay capacity in policy steps over all envs (64x64 uint8 frames: 1M steps take 3.8 GiB of RAM)"""
     buffer_mode: Literal["tbptt", "uniform"] = "tbptt"
@@ -170,9 +190,12 @@ class Args:
     """bf16 autocast on CUDA GPUs that support it (losses stay float32); ignored on the CPU"""
     log_seconds: float = 5.0
     """seconds between console lines and TensorBoard rate/loss points"""
-    eval_episodes: int = 10
+    eval_episodes: int = None  # type: ignore[assignment]
     """episodes played with the greedy policy at the end of training or with --eval-checkpoint (papers use 50),
     next to a random policy on the same seeds (0: none)"""
+    eval_every: int = 0
+    """also play --eval-episodes greedy episodes in separate envs every this many policy steps and log
+    `eval/mean_return` (with min, max, std) on the way; training is unchanged by it (0: only at the end)"""
 
 
 SHARED = dict(classes=32, mlp_units=400, mlp_layers=4, batch_size=16, seq_len=50, horizon=15, train_every=16,
@@ -186,6 +209,10 @@ PRESETS = {
                lr_critic=8e-5, gamma=0.99),
 }
 PRESETS["decoder-free"] = dict(PRESETS["v2"], wm_objective="barlow")
+PROTOCOLS = {
+    "dreamerv2": dict(sticky_actions=0.25, total_steps=1_000_000, eval_episodes=10),
+    "atari100k": dict(sticky_actions=0.0, total_steps=100_000, train_ratio=256.0, eval_episodes=100),
+}
 SIZES = {
     "preset": {},
     "small": dict(cnn_depth=8, deter_size=64, hidden_size=64, stoch_size=8, classes=8, mlp_units=64, mlp_layers=2,
@@ -197,26 +224,58 @@ SIZES = {
 
 
 def apply_preset(args: Args) -> Args:
-    """Fill every field left at None from the size, then from the preset; explicit values are kept."""
-    preset, size = PRESETS.get(args.preset), SIZES.get(args.size)
-    if preset is None:
-        fail("--preset", f"'{args.preset}' is not a preset; choose one of {', '.join(PRESETS)}")
-    if size is None:
-        fail("--size", f"'{args.size}' is not a size; choose one of {', '.join(SIZES)}")
-    return dataclasses.replace(args, **{k: v for k, v in (preset | size).items() if getattr(args, k) is None})
+    """Fill every field left at None from the size, then the preset, then the protocol; explicit values are kept.
+    --train-every and --train-ratio are two ways to set one thing: whichever is given (or the protocol's ratio)
+    leaves the other unset."""
+    choices = {"--preset": (PRESETS, args.preset), "--size": (SIZES, args.size), "--protocol": (PROTOCOLS, args.protocol)}
+    for flag, (table, name) in choices.items():
+        if name not in table:
+            fail(flag, f"'{name}' is not a {flag[2:]}; choose one of {', '.join(table)}")
+    fill = PROTOCOLS[args.protocol] | PRESETS[args.preset] | SIZES[args.size]
+    fill = {k: v for k, v in fill.items() if getattr(args, k) is None}
+    if args.train_every is not None or args.train_ratio is not None or "train_ratio" in fill:
+        fill.pop("train_every", None)
+    if args.train_every is not None:
+        fill.pop("train_ratio", None)
+    return dataclasses.replace(args, **fill)
 
 
 def cli_defaults(argv: list[str]) -> Args:
-    """Defaults for tyro, resolved from the --preset and --size found in argv, so that --help shows the real values."""
+    """Defaults for tyro, resolved from the --preset, --size and --protocol found in argv, so that --help shows the
+    real values; a --train-every or --train-ratio found there keeps the other one unset. With --resume the
+    checkpoint's own args are the defaults: `--resume PATH` alone continues the run as it was."""
     chosen = {}
     for i, arg in enumerate(argv):
-        for flag, field, names in [("--preset", "preset", PRESETS), ("--size", "size", SIZES)]:
-            name = arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
+        for field, parse in [("preset", str), ("size", str), ("protocol", str), ("train_every", int),
+                             ("train_ratio", float), ("resume", str)]:
+            flag = "--" + field.replace("_", "-")
+            value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
             if arg == flag and i + 1 < len(argv):
-                name = argv[i + 1]
-            if name in names:
-                chosen[field] = name
-    return apply_preset(Args(**chosen))
+                value = argv[i + 1]
+            try:
+                chosen[field] = parse(value) if value is not None else chosen[field]
+            except (ValueError, KeyError):
+                pass  # tyro reports a malformed value
+    docs = help_from_docstrings()
+    for field in dataclasses.fields(Args):
+        field.metadata = {"help": docs[field.name]}
+    saved = load_checkpoint(chosen["resume"], "--resume")["args"] if chosen.get("resume") else {}
+    own = ["resume", "resume_without_replay", "eval_checkpoint", "eval_gif"]
+    own += ["train_every", "train_ratio"] if {"train_every", "train_ratio"} & set(chosen) else []
+    saved = {k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and k not in own}
+    return apply_preset(Args(**{**saved, **chosen}))
+
+
+def help_from_docstrings() -> dict[str, str]:
+    """Each Args field's docstring as one paragraph. tyro 1.0 joins a docstring's lines before removing the class
+    body's indentation, so --help broke sentences at every indented line break; field metadata "help" takes
+    precedence over the docstring."""
+    import ast
+    import inspect
+
+    body = ast.parse(inspect.getsource(Args)).body[0].body
+    return {node.target.id: " ".join(doc.value.value.split()) for node, doc in zip(body, body[1:])
+            if isinstance(node, ast.AnnAssign) and isinstance(doc, ast.Expr) and isinstance(doc.value, ast.Constant)}
 
 
 def fail(flag: str, message: str):
@@ -226,28 +285,38 @@ def fail(flag: str, message: str):
 
 
 def validate(args: Args) -> Args:
-    """Resolve the preset and reject bad input before anything is written."""
+    """Resolve the preset, size and protocol and reject bad input before anything is written."""
+    if args.train_every is not None and args.train_ratio is not None:
+        fail("--train-ratio", "give --train-every or --train-ratio, not both (they set the same thing)")
     args = apply_preset(args)
     positive = ["total_steps", "num_envs", "deter_size", "hidden_size", "stoch_size", "classes", "cnn_depth",
-                "mlp_units", "mlp_layers", "batch_size", "seq_len", "horizon", "train_every", "buffer_size",
-                "slow_critic_every", "lr_model", "lr_actor", "lr_critic", "log_seconds", "max_episode_frames"]
+                "mlp_units", "mlp_layers", "batch_size", "seq_len", "horizon", "buffer_size", "slow_critic_every",
+                "lr_model", "lr_actor", "lr_critic", "log_seconds", "max_episode_frames", "keep_checkpoints"]
+    positive += ["train_every" if args.train_every is not None else "train_ratio"]
     for name in positive:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be positive (got {getattr(args, name)})")
-    for name in ["prefill", "eval_episodes", "checkpoint_every", "bt_lambda", "bt_scale", "noop_max", "free_nats",
+    for name in ["prefill", "eval_episodes", "eval_every", "bt_lambda", "bt_scale", "noop_max", "free_nats",
                  "entropy", "recency", "weight_decay", "kl_scale"]:
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be >= 0 (got {getattr(args, name)})")
     for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda"]:
         if not 0 <= getattr(args, name) <= 1:
             fail("--" + name.replace("_", "-"), f"must be in [0, 1] (got {getattr(args, name)})")
-    if args.eval_gif and args.eval_episodes < 1:
-        fail("--eval-gif", "needs --eval-episodes 1 or more (there is no evaluation episode to record)")
-    resolve_env(args.env)
+    for flag, value in [("--eval-gif", args.eval_gif), ("--eval-every", args.eval_every)]:
+        if value and args.eval_episodes < 1:
+            fail(flag, "needs --eval-episodes 1 or more (there would be no evaluation episode)")
+    args = dataclasses.replace(args, env=resolve_env(args.env, announce=True)[2])
     if args.eval_checkpoint:  # evaluation only: the checkpoint brings its own sizes; no training flag applies
         if args.eval_episodes < 1:
             fail("--eval-episodes", "must be at least 1 with --eval-checkpoint")
         return args
+    if args.checkpoint_every is not None and not args.save_model:
+        fail("--checkpoint-every", "needs --save-model (without it only Ctrl-C and SIGTERM write a checkpoint)")
+    if args.checkpoint_every is not None and args.checkpoint_every < 0:
+        fail("--checkpoint-every", f"must be >= 0 (got {args.checkpoint_every})")
+    if args.resume_without_replay and not args.resume:
+        fail("--resume-without-replay", "needs --resume")
     per_env = args.buffer_size // args.num_envs
     if args.seq_len > per_env:
         fail("--seq-len", f"{args.seq_len} is longer than the {per_env} steps each env's stream can hold "
@@ -265,8 +334,10 @@ def validate(args: Args) -> Args:
 # ----------------------------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------------------------
-def resolve_env(name: str) -> tuple[str, str]:
-    """Map --env to ("atari", rom id) or ("gym", gymnasium id); an unknown name is a one-line error."""
+def resolve_env(name: str, announce: bool = False) -> tuple[str, str, str]:
+    """Map --env to (kind, id, name): ("atari", ROM id, the name to use) or ("gym", gymnasium id, name). gymnasium's
+    own Atari ids (`BreakoutNoFrameskip-v4`, `Breakout-v4`, `ALE/Breakout-v5`) map onto the game under this
+    script's protocol, with one line saying so when `announce`; an unknown name is a one-line error."""
     import ale_py
 
     if ":" in name:  # gymnasium's `module:EnvId`: importing the module registers the env
@@ -277,26 +348,26 @@ def resolve_env(name: str) -> tuple[str, str]:
             fail("--env", f"cannot import '{module}' for '{name}' ({e})")
         if env_id not in gym.registry:
             fail("--env", f"importing '{module}' registered no '{env_id}'")
-        return "gym", name
+        return "gym", name, name
 
     roms = set(ale_py.roms.get_all_rom_ids())
-    short = re.sub(r"^ALE/|-v\d+$", "", name)
+    camel = {r.title().replace("_", ""): r for r in roms}
+    short = re.sub(r"^ALE/|(NoFrameskip|Deterministic)?-v\d+$", "", name)
     rom = short if short in roms else re.sub(r"(?<!^)(?=[A-Z])", "_", short).lower()
     if rom in roms:
-        return "atari", rom
-    spec = gym.registry.get(name)
-    if spec is not None and str(spec.entry_point).startswith("ale_py"):  # e.g. CleanRL's BreakoutNoFrameskip-v4
-        game = "".join(part.title() for part in str(spec.kwargs.get("game", "")).split("_"))
-        fail("--env", f"'{name}' is a gymnasium Atari id with its own frame skip and sticky actions; this script "
-                      f"applies the DreamerV2 Atari protocol itself (--sticky-actions, action repeat 4, 64x64 gray): "
-                      f"use --env {game}")
-    if spec is not None:
-        return "gym", name
-    camel = {r.title().replace("_", ""): r for r in roms}
+        game = next(k for k, v in camel.items() if v == rom) if short != name else name
+        if short != name and announce:
+            print(f"--env {name}: gymnasium's Atari id brings its own frame skip and sticky actions; running {game} "
+                  f"under this script's protocol instead (action repeat 4 with max-pooling, 64x64 gray, --sticky-"
+                  f"actions, up to --noop-max no-ops)", flush=True)
+        return "atari", rom, game
+    if gym.registry.get(name) is not None:
+        return "gym", name, name
     close = difflib.get_close_matches(short, list(camel), n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     fail("--env", f"unknown game '{name}'; {hint}choose one of the {len(roms)} Atari games in CamelCase "
-                  f"(e.g. SpaceInvaders, Breakout, Pong) or a registered gymnasium id")
+                  f"(e.g. SpaceInvaders, Breakout, Pong), gymnasium's ids for them (BreakoutNoFrameskip-v4, "
+                  f"ALE/Breakout-v5) or a registered gymnasium id")
 
 
 def make_envs(args: Args, seed: int) -> tuple[gym.vector.VectorEnv, int]:
@@ -307,7 +378,7 @@ def make_envs(args: Args, seed: int) -> tuple[gym.vector.VectorEnv, int]:
     truncates. ale-py's native AtariVectorEnv runs this faster than gymnasium's vector envs; every option that
     differs from its defaults is set here. All envs auto-reset on the step after an episode ends (NEXT_STEP).
     """
-    kind, env_id = resolve_env(args.env)
+    kind, env_id, _ = resolve_env(args.env)
     if kind == "atari":
         from ale_py.vector_env import AtariVectorEnv
 
@@ -498,6 +569,11 @@ class RSSM(nn.Module):
     def feat_dim(self) -> int:
         return self.stoch_dim + self.deter
 
+    @staticmethod
+    def feat(h, z):
+        """The latent feature [z, h] every head reads (DreamerV2's `get_feat`)."""
+        return torch.cat([z, h], -1)
+
     def initial(self, batch: int, device) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.zeros(batch, self.deter, device=device), torch.zeros(batch, self.stoch_dim, device=device)
 
@@ -654,7 +730,7 @@ class WorldModel(nn.Module):
         embed = self.encoder(obs.flatten(0, 1)).unflatten(0, obs.shape[:2])
         action = F.one_hot(batch["action"], self.action_dim).float()
         h, z, prior, post, last = self.rssm.observe(embed, action, batch["is_first"], state)
-        feat = torch.cat([z, h], -1)
+        feat = self.rssm.feat(h, z)
         representation, metrics = self.representation_loss(obs, feat)
         reward = 0.5 * (self.reward_head(feat).squeeze(-1).float() - torch.tanh(batch["reward"])).pow(2).mean()
         cont_target = args.gamma * (1.0 - batch["terminated"].float())
@@ -666,6 +742,15 @@ class WorldModel(nn.Module):
                         "world/post_entropy": self.rssm.entropy(post).mean()})
         return loss, h, z, last, metrics
 
+    def train_step(self, batch: dict[str, torch.Tensor], state, amp: bool):
+        """One world-model update on a (B, T) chunk from each row's carried state. Returns the posterior states
+        h, z (B, T, ...) for the actor-critic, each row's last state (detached, to carry on) and the metrics."""
+        with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=amp):
+            loss, h, z, last, metrics = self.loss(batch, state)
+        check_finite("world-model", loss)
+        metrics["world/grad_norm"] = optimize(self.opt, loss, self.args.grad_clip)
+        return h, z, (last[0].detach().float(), last[1].detach().float()), metrics
+
     @torch.no_grad()
     def dream(self, batch: dict[str, torch.Tensor], context: int = 5):
         """Open-loop prediction of the batch's first sequence: filter `context` real frames, then roll the prior with
@@ -676,10 +761,10 @@ class WorldModel(nn.Module):
             embed = self.encoder(obs[:, :context].flatten(0, 1)).unflatten(0, (1, context))  # training randomness
             h, z, _, _, (h_t, z_t) = self.rssm.observe(embed, action[:, :context], batch["is_first"][:1, :context],
                                                        self.rssm.initial(1, obs.device))
-            feats = [torch.cat([z, h], -1)[0]]
+            feats = [self.rssm.feat(h, z)[0]]
             for t in range(context, obs.shape[1]):
                 h_t, z_t, _ = self.rssm.img_step(h_t, z_t, action[:, t])
-                feats.append(torch.cat([z_t, h_t], -1))
+                feats.append(self.rssm.feat(h_t, z_t))
         predicted = self.decoder(torch.cat(feats)).float()
         return (obs[0] + 0.5).clamp(0, 1), (predicted + 0.5).clamp(0, 1)
 
@@ -729,14 +814,14 @@ class ActorCritic(nn.Module):
     def imagine(self, wm: WorldModel, h, z):
         """Roll the prior H steps from each start with actions from the actor on sg(features).
         Returns features (H + 1, N, F) and one-hot actions (H, N, A); actions[t] is taken at z_t."""
-        feats, actions = [torch.cat([z, h], -1)], []
+        feats, actions = [wm.rssm.feat(h, z)], []
         for _ in range(self.args.horizon):
             probs = self.actor(feats[-1].detach()).float().softmax(-1)
             action = F.one_hot(torch.multinomial(probs, 1).squeeze(-1), probs.shape[-1]).to(probs.dtype)
             if self.args.actor_grad == "dynamics":
                 action = action + probs - probs.detach()
             h, z, _ = wm.rssm.img_step(h, z, action)
-            feats.append(torch.cat([z, h], -1))
+            feats.append(wm.rssm.feat(h, z))
             actions.append(action)
         return torch.stack(feats), torch.stack(actions)
 
@@ -761,16 +846,18 @@ class ActorCritic(nn.Module):
         wm.requires_grad_(True)
         weight = torch.cumprod(torch.cat([torch.ones_like(cont[:1]), cont[:-1]]), 0).detach()  # w_t = prod_{k<t} c_k
 
-        # Actor (DreamerV2 Eq. 6): log pi(a_{t+1} | z_t), where a_{t+1} is the action taken at z_t (actions[t]).
-        logp = self.actor(feats[:-2].detach()).float().log_softmax(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        if args.actor_grad == "reinforce":
+        # Shapes: feats (H+1, N, F), actions (H, N, A), returns (H, N) = R_0 .. R_{H-1}, slow_value and weight
+        # (H+1, N). Actor (DreamerV2 Eq. 6): log pi(a_{t+1} | z_t), where a_{t+1} is the action taken at z_t
+        # (actions[t]), for t = 0 .. H-2, the starts whose action has a return R_{t+1} after it.
+        logp = self.actor(feats[:-2].detach()).float().log_softmax(-1)  # (H-1, N, A): z_0 .. z_{H-2}
+        entropy = -(logp.exp() * logp).sum(-1)  # (H-1, N)
+        if args.actor_grad == "reinforce":  # advantage R_{t+1} - v_slow(z_t), (H-1, N)
             objective = (logp * actions[:-1].detach()).sum(-1) * (returns[1:] - slow_value[:-2]).detach()
         else:
-            objective = returns[1:]
+            objective = returns[1:]  # (H-1, N)
         actor_loss = -(weight[:-2] * (objective + args.entropy * entropy)).mean()
-        # Critic (DreamerV2 Eq. 8): regress v(z_t) on sg(R_t).
-        value = self.critic(feats[:-1].detach()).squeeze(-1).float()
+        # Critic (DreamerV2 Eq. 8): regress v(z_t) on sg(R_t) for t = 0 .. H-1.
+        value = self.critic(feats[:-1].detach()).squeeze(-1).float()  # (H, N)
         critic_loss = (weight[:-1] * 0.5 * (value - returns.detach()).pow(2)).mean()
 
         check_finite("actor", actor_loss)
@@ -834,7 +921,7 @@ class Dreamer(nn.Module):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
             embed = self.wm.encoder(preprocess(obs_t))
             h, z, _, _ = self.wm.rssm.obs_step(h, z, prev_action, embed, first)
-            logits = self.ac.actor(torch.cat([z, h], -1)).float()
+            logits = self.ac.actor(self.wm.rssm.feat(h, z)).float()
         action = logits.argmax(-1) if greedy else torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
         self.act_state = (h.float(), z.float(), F.one_hot(action, self.action_dim).float())
         return action.cpu().numpy()
@@ -846,14 +933,10 @@ class Dreamer(nn.Module):
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """World-model update on a (B, T) chunk, then actor-critic from its posterior states."""
         batch = self.last_batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
-        with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
-            loss, h, z, last, metrics = self.wm.loss(batch, self.train_state)
-        check_finite("world-model", loss)
-        metrics["world/grad_norm"] = optimize(self.wm.opt, loss, self.args.grad_clip)
-        self.train_state = (last[0].detach().float(), last[1].detach().float())
+        h, z, self.train_state, metrics = self.wm.train_step(batch, self.train_state, self.amp)
         if self.probe is not None:  # reads detached features: its gradient cannot reach the world model
             obs = preprocess(batch["obs"])
-            recon = self.probe(torch.cat([z, h], -1).detach().flatten(0, 1)).unflatten(0, obs.shape[:2])
+            recon = self.probe(self.wm.rssm.feat(h, z).detach().flatten(0, 1)).unflatten(0, obs.shape[:2])
             metrics["losses/probe_image"] = image_nll(recon, obs)
             optimize(self.probe_opt, metrics["losses/probe_image"], self.args.grad_clip)
             metrics["images/probe_reconstruction"] = (obs[0], recon[0].detach().float())
@@ -875,9 +958,11 @@ def log_progress(args, writer, step, updates, trained_steps, frames_per_step, wi
         writer.add_scalar(key, np.mean([m[key] for m in metrics]), step)
     writer.add_scalar("charts/PRGS", step / args.total_steps, step)
     mean_return = f"{np.mean(recent_returns):.1f}" if recent_returns else "n/a"
-    if window is None or step == window[1]:
+    if window is None:
         done = min(step - (train_from - args.prefill), args.prefill)  # a resumed run refills from its saved step
         print(f"prefill {done:,}/{args.prefill:,} policy steps | last mean return {mean_return}", flush=True)
+        return window
+    if step == window[1]:  # training began at this very step: no rate to show yet
         return window
     seconds, steps, window_updates = max(time.time() - window[0], 1e-6), step - window[1], updates - window[2]
     sps, ups = steps / seconds, window_updates / seconds
@@ -897,13 +982,122 @@ ARCHITECTURE = ["env", "preset", "wm_objective", "discrete_latents", "deter_size
                 "classes", "cnn_depth", "mlp_units", "mlp_layers", "probe_decoder"]
 
 
-def save_checkpoint(path: str, agent: Dreamer, args: Args, counters: dict):
-    """Weights (world model, actor, critic, slow critic), optimizers, counters and args, written atomically: to a
-    temporary file first, then renamed over the old checkpoint, so a crash mid-write leaves the old one intact."""
+def save_checkpoint(path: str, agent: Dreamer, args: Args, counters: dict, extra: dict | None = None):
+    """Weights (world model, actor, critic, slow critic), optimizers, counters, args and `extra` (random states, the
+    replay file's name, the W&B run id), written atomically: to a temporary file first, then renamed over the old
+    checkpoint, so a crash mid-write leaves the old one intact."""
     state = {"format": CHECKPOINT_FORMAT, "args": dataclasses.asdict(args), "counters": counters,
-             "agent": agent.state_dict(), "optimizers": {k: o.state_dict() for k, o in agent.optimizers().items()}}
+             "agent": agent.state_dict(), "optimizers": {k: o.state_dict() for k, o in agent.optimizers().items()},
+             **(extra or {})}
     torch.save(state, f"{path}.tmp")
     os.replace(f"{path}.tmp", path)
+
+
+def save_replay(path: str, buffer: ReplayBuffer, train_state) -> int:
+    """The stored part of the replay buffer (uint8 frames), its sampler's random state, each TBPTT row's next
+    position and the RSSM state it carries, written atomically like the checkpoint. Returns the file's size."""
+    n = min(buffer.steps, buffer.capacity)
+    layout = [buffer.num_envs, buffer.capacity, buffer.batch_size, buffer.seq_len, *buffer.obs.shape[2:]]
+    arrays = dict(layout=np.array(layout), obs=buffer.obs[:, :n], action=buffer.action[:, :n],
+                  reward=buffer.reward[:, :n], terminated=buffer.terminated[:, :n], is_first=buffer.is_first[:, :n],
+                  steps=np.array(buffer.steps), row_env=buffer.row_env, row_pos=buffer.row_pos,
+                  rng=np.array(json.dumps(buffer.rng.bit_generator.state)),
+                  h=train_state[0].float().cpu().numpy(), z=train_state[1].float().cpu().numpy())
+    with open(f"{path}.tmp", "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(f"{path}.tmp", path)
+    return os.path.getsize(path)
+
+
+def read_frames(path: str, frames: np.ndarray, chunk: int = 2**26):
+    """Stream the replay file's frames straight into the buffer's own memory, so that a resume never holds a second
+    copy of them (np.load would: 3.8 GiB more at --buffer-size 1000000)."""
+    with zipfile.ZipFile(path) as archive, archive.open("obs.npy") as f:
+        version = np.lib.format.read_magic(f)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, dtype = read_header(f)
+        if shape != frames.shape or dtype != frames.dtype:
+            raise ValueError(f"frames of shape {shape}, expected {frames.shape}")
+        for env_frames in frames:  # each env's stored frames are contiguous in the buffer and in the file
+            view = memoryview(env_frames).cast("B")
+            for start in range(0, len(view), chunk):
+                if f.readinto(view[start:start + chunk]) != len(view[start:start + chunk]):
+                    raise EOFError("the frames end early")
+
+
+def load_replay(path: str, buffer: ReplayBuffer, device) -> tuple[torch.Tensor, torch.Tensor] | str:
+    """Restore a replay file written by `save_replay` into `buffer`. Returns the rows' carried RSSM state (h, z), or
+    why the file cannot be used."""
+    layout = [buffer.num_envs, buffer.capacity, buffer.batch_size, buffer.seq_len, *buffer.obs.shape[2:]]
+    try:
+        with np.load(path) as data:
+            if data["layout"].tolist() != layout:
+                return (f"'{path}' holds (envs, capacity per env, batch, seq, frame) {data['layout'].tolist()}, "
+                        f"this run has {layout}")
+            n = data["action"].shape[1]
+            for name in ["action", "reward", "terminated", "is_first"]:
+                getattr(buffer, name)[:, :n] = data[name]
+            read_frames(path, buffer.obs[:, :n])
+            buffer.steps, buffer.row_env[:], buffer.row_pos[:] = int(data["steps"]), data["row_env"], data["row_pos"]
+            buffer.rng.bit_generator.state = json.loads(str(data["rng"]))
+            return torch.as_tensor(data["h"], device=device), torch.as_tensor(data["z"], device=device)
+    except FileNotFoundError:
+        return f"'{path}' is missing"
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        return f"'{path}' cannot be read ({first_line(e)})"
+
+
+def random_states(envs: gym.vector.VectorEnv) -> dict:
+    """Every random stream training draws from: torch's (CPU and CUDA), numpy's and Python's global generators and
+    the vector env's action sampler (prefill), as tensors and JSON text, so that a weights-only load reads them."""
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": json.dumps(np.random.get_state(legacy=False), default=lambda a: a.tolist()),
+            "python": json.dumps(random.getstate()), "actions": json.dumps(envs.action_space.np_random.bit_generator.state)}
+
+
+def set_random_states(states: dict, envs: gym.vector.VectorEnv):
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] and len(states["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    numpy_state = json.loads(states["numpy"])
+    numpy_state["state"]["key"] = np.array(numpy_state["state"]["key"], np.uint32)
+    np.random.set_state(numpy_state)
+    version, internal, gauss = json.loads(states["python"])
+    random.setstate((version, tuple(internal), gauss))
+    envs.action_space.np_random.bit_generator.state = json.loads(states["actions"])
+
+
+def save_run(path: str, agent: Dreamer, args: Args, counters: dict, buffer: ReplayBuffer,
+             envs: gym.vector.VectorEnv, wandb_id: str | None, previous_step: int | None):
+    """A checkpoint and its replay as one pair. The replay goes first, under a name with its step; then the
+    checkpoint that names it replaces the old one; then files no checkpoint names are deleted. Killed at any point,
+    even with kill -9, `path` is a whole checkpoint whose replay file exists. With --keep-checkpoints K the K - 1
+    previous checkpoints stay as `{name}.step{N}{ext}` (weights only; their replay is not kept)."""
+    step, folder = counters["global_step"], os.path.dirname(path)
+    replay = f"{os.path.basename(path)}.replay-{step}.npz" if args.save_replay else None
+    if replay:
+        start = time.time()
+        size = save_replay(os.path.join(folder, replay), buffer, agent.train_state)
+        print(f"replay of {min(buffer.steps, buffer.capacity) * buffer.num_envs:,} steps written: "
+              f"{size / 2**20:,.1f} MiB in {time.time() - start:.1f} s", flush=True)
+    root, ext = os.path.splitext(path)
+    if args.keep_checkpoints > 1 and previous_step not in (None, step) and os.path.exists(path):
+        older = f"{root}.step{previous_step}{ext}"
+        if os.path.exists(older):
+            os.remove(older)
+        try:
+            os.link(path, older)  # the old file stays whole under its new name when the new one replaces it
+        except OSError:
+            shutil.copyfile(path, older)
+    save_checkpoint(path, agent, args, counters,
+                    {"random_states": random_states(envs), "replay": replay, "wandb_id": wandb_id})
+    older = sorted(glob.glob(f"{glob.escape(root)}.step*{glob.escape(ext)}"),
+                   key=lambda p: int(re.findall(r"\.step(\d+)", p)[-1]))
+    for stale in older[: max(0, len(older) - (args.keep_checkpoints - 1))]:
+        os.remove(stale)
+    for stale in glob.glob(f"{glob.escape(path)}.replay-*.npz"):
+        if os.path.basename(stale) != replay:
+            os.remove(stale)
 
 
 def first_line(error: Exception) -> str:
@@ -929,6 +1123,83 @@ def restore(agent: Dreamer, state: dict, flag: str):
             opt.load_state_dict(state["optimizers"][name])
     except (RuntimeError, KeyError, ValueError) as e:
         fail(flag, f"the checkpoint's tensors do not fit this model ({first_line(e)})")
+
+
+def load_resume(args: Args) -> dict:
+    """--resume: the checkpoint, after checking that it fits this command's sizes and step budget."""
+    state = load_checkpoint(args.resume, "--resume")
+    for key in ARCHITECTURE:
+        if state["args"].get(key) != getattr(args, key):
+            fail("--resume", f"the checkpoint was trained with --{key.replace('_', '-')} {state['args'].get(key)}, "
+                             f"this run has {getattr(args, key)}")
+    if state["counters"]["global_step"] >= args.total_steps:
+        fail("--total-steps", f"must exceed the checkpoint's step {state['counters']['global_step']:,}")
+    return state
+
+
+def resume_from(args: Args, state: dict, agent: Dreamer, buffer: ReplayBuffer, envs, counters: dict) -> bool:
+    """Weights, optimizers, counters, random states and the replay saved beside the checkpoint. This command's
+    optimizer flags replace the restored ones (the optimizer state would silently keep the old values). Returns
+    whether the replay was restored; without it the run refills --prefill steps first (--resume-without-replay)."""
+    restore(agent, state, "--resume")
+    counters.update(state["counters"])
+    agent.ac.updates = counters["updates"]
+    lrs = {"world_model": args.lr_model, "actor": args.lr_actor, "critic": args.lr_critic, "probe": args.lr_model}
+    for name, opt in agent.optimizers().items():
+        decay, rest = opt.param_groups  # as make_optimizer builds them
+        decay["lr"] = rest["lr"] = lrs[name]
+        decay["weight_decay"] = args.weight_decay / lrs[name]
+    changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}"
+               for k in ["lr_model", "lr_actor", "lr_critic", "weight_decay"] if state["args"][k] != getattr(args, k)]
+    if changed:
+        print(f"--resume: the optimizers take this command's values: {', '.join(changed)}", flush=True)
+    if "random_states" in state:
+        set_random_states(state["random_states"], envs)
+    replay = state.get("replay")
+    result = "the checkpoint was saved without one" if replay is None else load_replay(
+        os.path.join(os.path.dirname(args.resume), replay), buffer, agent.device)
+    if not isinstance(result, str):
+        agent.train_state = result
+        return True
+    if not args.resume_without_replay:
+        fail("--resume", f"no replay buffer to continue with: {result}; add --resume-without-replay to refill "
+                         f"--prefill steps with the restored policy instead")
+    print(f"--resume: no replay buffer ({result}); refilling {args.prefill:,} policy steps first", flush=True)
+    return False
+
+
+def open_run(args: Args, state: dict | None) -> tuple[str, str, SummaryWriter, str | None]:
+    """The run folder, checkpoint path, TensorBoard writer and W&B run id. A resumed run goes on in its checkpoint's
+    folder: TensorBoard drops the points logged after the checkpoint (purge_step) and W&B resumes the run id stored
+    in it. A new run claims a fresh folder with an atomic mkdir, so runs started in the same second, even in two
+    processes, never share one (an exists() check let two processes take the same folder)."""
+    if state is not None:
+        path, wandb_id, step = args.resume, state.get("wandb_id"), state["counters"]["global_step"]
+        folder = os.path.dirname(path) or "."
+        run_name = os.path.basename(os.path.abspath(folder))
+    else:
+        env_name = re.sub(r"[^\w.-]", "_", args.env)  # `module:EnvId` makes no folder name on every system
+        run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        os.makedirs("runs", exist_ok=True)
+        for suffix in range(2, 1000):
+            try:
+                os.mkdir(f"runs/{run_name}")
+                break
+            except FileExistsError:
+                run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}-{suffix}"
+        folder, wandb_id, step = f"runs/{run_name}", None, None
+        path = f"{folder}/{args.exp_name}.cleanrl_model"
+    if args.track:
+        import wandb
+
+        wandb_id = wandb_id or os.urandom(6).hex()
+        wandb.tensorboard.patch(root_logdir=folder)
+        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
+                   config=vars(args), name=run_name, save_code=True, id=wandb_id, resume="allow")
+    writer = SummaryWriter(folder, purge_step=None if step is None else step + 1)
+    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}", step)
+    return run_name, path, writer, wandb_id
 
 
 def write_gif(frames: list[np.ndarray], path: str, scale: int = 4):
@@ -966,19 +1237,28 @@ def evaluate(args: Args, policy, episodes: int, seed: int, frames: list | None =
     return returns
 
 
-def report_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: int, json_path: str | None) -> dict:
-    """The greedy policy (the mode of each action distribution), the sampled policy and a random policy, on the same
-    seeds: print mean, std, min and max of the return, log them, optionally write them as JSON and a GIF of the
-    greedy policy's first episode. A greedy score far below the sampled one shows a half-trained argmax stuck."""
+def random_returns(args: Args, action_dim: int) -> list[float]:
+    """The uniform random policy on the evaluation seeds: the baseline every evaluation is read against."""
+    rng = np.random.default_rng(args.seed + 10_000)
+    return evaluate(args, lambda o, f: rng.integers(action_dim, size=len(o)), args.eval_episodes, args.seed + 10_000)
+
+
+def report_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: int, json_path: str | None,
+                      baseline: list[float] | None = None) -> dict:
+    """The greedy policy (the mode of each action distribution), the sampled policy and a random policy (`baseline`
+    if it was computed already), on the same seeds: print mean, std, min and max of the return, log them, optionally
+    write them as JSON and a GIF of the greedy policy's first episode. A greedy score far below the sampled one
+    shows a half-trained argmax stuck."""
     seed, frames = args.seed + 10_000, [] if args.eval_gif else None
-    rng = np.random.default_rng(seed)
     policies = {"greedy": lambda o, f: agent.sample_action(o, f, greedy=True),
-                "sampled": lambda o, f: agent.sample_action(o, f),
-                "random": lambda o, f: rng.integers(agent.action_dim, size=len(o))}
+                "sampled": lambda o, f: agent.sample_action(o, f), "random": None}
     stats = {"env": args.env, "global_step": step, "episodes": args.eval_episodes, "seed": seed}
     for name, policy in policies.items():
         agent.act_state = None
-        returns = evaluate(args, policy, args.eval_episodes, seed, frames if name == "greedy" else None)
+        if policy is None:
+            returns = baseline or random_returns(args, agent.action_dim)
+        else:
+            returns = evaluate(args, policy, args.eval_episodes, seed, frames if name == "greedy" else None)
         stats[name] = dict(mean=float(np.mean(returns)), std=float(np.std(returns)), min=float(np.min(returns)),
                            max=float(np.max(returns)), returns=returns)
         print(f"eval {name:7s} over {args.eval_episodes} episodes: mean {np.mean(returns):.2f} +- "
@@ -987,7 +1267,7 @@ def report_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: i
     for i, (greedy, sampled) in enumerate(zip(stats["greedy"]["returns"], stats["sampled"]["returns"])):
         writer.add_scalar("eval/episodic_return", greedy, i)
         writer.add_scalar("eval/sampled_episodic_return", sampled, i)
-    writer.add_scalar("eval/mean_return", stats["greedy"]["mean"], step)
+    log_returns(writer, "eval", stats["greedy"]["returns"], step)
     writer.add_scalar("eval/sampled_mean_return", stats["sampled"]["mean"], step)
     writer.add_scalar("eval/random_mean_return", stats["random"]["mean"], step)
     if json_path:
@@ -998,6 +1278,29 @@ def report_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: i
         write_gif(frames, args.eval_gif)
         print(f"GIF of the first evaluation episode written to {args.eval_gif}", flush=True)
     return stats
+
+
+def log_returns(writer: SummaryWriter, prefix: str, returns: list[float], step: int):
+    for name, stat in [("mean", np.mean), ("std", np.std), ("min", np.min), ("max", np.max)]:
+        writer.add_scalar(f"{prefix}/{name}_return", stat(returns), step)
+
+
+def periodic_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: int, baseline: list[float] | None):
+    """--eval-every: greedy episodes in separate envs, logged against the step. Training is unchanged by it: the
+    acting state is put back and torch's random stream is forked, so training draws the same numbers as without
+    it. The random policy's returns (the same seeds every time) are computed once; returns them."""
+    acting, device = agent.act_state, agent.device
+    agent.act_state = None
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        returns = evaluate(args, lambda o, f: agent.sample_action(o, f, greedy=True), args.eval_episodes,
+                           args.seed + 10_000)
+    agent.act_state = acting
+    baseline = baseline or random_returns(args, agent.action_dim)
+    log_returns(writer, "eval", returns, step)
+    writer.add_scalar("eval/random_mean_return", np.mean(baseline), step)
+    print(f"eval at step {step:,}: greedy mean {np.mean(returns):.2f} (min {np.min(returns):.2f}, max "
+          f"{np.max(returns):.2f}) over {len(returns)} episodes | random {np.mean(baseline):.2f}", flush=True)
+    return baseline
 
 
 def agent_from_checkpoint(path: str, flag: str, **keep) -> tuple[Args, Dreamer, dict]:
@@ -1041,18 +1344,18 @@ def capture(video: list | None, episode: int, frame: np.ndarray, is_first: bool,
     return video
 
 
+def image_rows(*rows: torch.Tensor) -> torch.Tensor:
+    """(T, C, H, W) frame sequences -> one (C, rows x H, T x W) image, each sequence on its own row."""
+    return torch.cat([torch.cat(list(row), -1) for row in rows], -2)
+
+
 def log_images(writer: SummaryWriter, agent: Dreamer, step: int):
-    """Real frames on top, the decoder's (or the probe's) reconstruction and the open-loop dream below."""
+    """Real frames on the top row, the decoder's (or the probe's) reconstruction or the open-loop dream below."""
     for tag, (real, recon) in agent.images.items():
-        writer.add_images(tag, (torch.cat([real, recon]) + 0.5).clamp(0, 1).cpu(), step)
+        writer.add_image(tag, image_rows(real + 0.5, recon + 0.5).clamp(0, 1).cpu(), step)
     agent.images = {}
     if agent.wm.decoder is not None and agent.last_batch is not None:
-        real, predicted = agent.wm.dream(agent.last_batch)
-        writer.add_images("images/open_loop_dream", torch.cat([real, predicted]).cpu(), step)
-
-
-def raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
+        writer.add_image("images/open_loop_dream", image_rows(*agent.wm.dream(agent.last_batch)).cpu(), step)
 
 
 def main(args: Args):
@@ -1060,16 +1363,7 @@ def main(args: Args):
     args = validate(args)
     if args.eval_checkpoint:
         return evaluate_checkpoint(args)
-    state = None
-    if args.resume:
-        state = load_checkpoint(args.resume, "--resume")
-        for key in ARCHITECTURE:
-            if state["args"].get(key) != getattr(args, key):
-                fail("--resume", f"the checkpoint was trained with --{key.replace('_', '-')} {state['args'].get(key)}, "
-                                 f"this run has {getattr(args, key)}")
-        if state["counters"]["global_step"] >= args.total_steps:
-            fail("--total-steps", f"must exceed the checkpoint's step {state['counters']['global_step']:,}")
-    kind, env_id = resolve_env(args.env)
+    state = load_resume(args) if args.resume else None
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1077,107 +1371,105 @@ def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     envs, frames_per_step = make_envs(args, args.seed)
-    obs, _ = envs.reset(seed=args.seed)
-    obs = to_chw(obs)
+    obs = to_chw(envs.reset(seed=args.seed)[0])
     action_dim = int(envs.single_action_space.n)
     agent = Dreamer(args, obs.shape[1:], action_dim, device)
     buffer = ReplayBuffer(args.num_envs, args.buffer_size, obs.shape[1:], args.batch_size, args.seq_len,
                           args.buffer_mode, args.recency, args.seed)
     counters = dict(global_step=0, updates=0, trained_steps=0, train_credit=0)
-    if state is not None:
-        restore(agent, state, "--resume")
-        counters.update(state["counters"])
-        agent.ac.updates = counters["updates"]
-
-    env_name = re.sub(r"[^\w.-]", "_", env_id)  # `module:EnvId` makes no folder name on every system
-    run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    os.makedirs("runs", exist_ok=True)
-    for suffix in range(2, 1000):  # mkdir is atomic: runs started in the same second, even in two processes, never
-        try:  # share a folder (an exists() check let two processes take the same one)
-            os.mkdir(f"runs/{run_name}")
-            break
-        except FileExistsError:
-            run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}-{suffix}"
-    if args.track:
-        import wandb
-
-        wandb.tensorboard.patch(root_logdir=f"runs/{run_name}")
-        wandb.init(project=args.wandb_project_name, entity=args.wandb_entity, sync_tensorboard=True,
-                   config=vars(args), name=run_name, save_code=True)
-    writer = SummaryWriter(f"runs/{run_name}")
-    table = "\n".join(f"|{k}|{v}|" for k, v in vars(args).items())
-    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+    refill = state is not None and not resume_from(args, state, agent, buffer, envs, counters)
+    run_name, path, writer, wandb_id = open_run(args, state)
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    print(f"run {run_name} on {device}: {kind} env {env_id} x{args.num_envs}, {action_dim} actions, "
-          f"preset {args.preset}, "
+    print(f"run {run_name} on {device}: env {args.env} x{args.num_envs}, {action_dim} actions, preset {args.preset}, "
           f"{params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps"
           + (f", resumed at step {counters['global_step']:,}" if state else ""), flush=True)
 
-    n, path = args.num_envs, f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+    n, global_step = args.num_envs, counters["global_step"]  # updates are counted by agent.ac.updates alone
+    steps_per_update = args.train_every or args.batch_size * args.seq_len / args.train_ratio
     # What arrived with the current obs: the action that led to it, its reward, and whether it ends the episode.
     prev_action, reward = np.zeros(n, np.int64), np.zeros(n, np.float32)
     terminated, done, is_first = np.zeros(n, bool), np.zeros(n, bool), np.ones(n, bool)
     ep_return, ep_length, recent_returns = np.zeros(n), np.zeros(n, np.int64), deque(maxlen=10)
-    global_step = counters["global_step"]  # updates are counted by agent.ac.updates alone
-    train_from = global_step + args.prefill if state else args.prefill  # a resumed run refills its buffer first
-    next_checkpoint = global_step + args.checkpoint_every if args.save_model and args.checkpoint_every else None
+    train_from = global_step + args.prefill if refill else max(global_step, args.prefill)
+    checkpoint_every = 100_000 if args.checkpoint_every is None else args.checkpoint_every
+    next_checkpoint = global_step + checkpoint_every if args.save_model and checkpoint_every else None
+    next_eval = global_step + args.eval_every if args.eval_every else None
+    saved_step, baseline = (global_step if state else None), None
     video, video_episode = ([obs[0]] if args.capture_video else None), 0
     metrics, window, last_log = [], None, time.time()  # window: (time, step, updates) where the rate window began
-    previous_sigterm = signal.signal(signal.SIGTERM, raise_interrupt)
     counters_now = lambda: dict(counters, global_step=global_step, updates=agent.ac.updates)
+
+    stop = []  # the signal that asked to stop: the loop ends at its next step, with a checkpoint
+
+    def request_stop(signum, frame):
+        if stop:
+            raise KeyboardInterrupt
+        stop.append(signal.Signals(signum).name)
+        print(f"{stop[0]}: stopping after this step with a checkpoint (send it again to stop at once, without one)",
+              flush=True)
+
+    handlers = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        try:
-            while global_step < args.total_steps:
-                buffer.add(obs, np.where(is_first, 0, prev_action), reward, terminated, is_first)  # the one entry point
-                acting, learning = global_step >= args.prefill, global_step >= train_from  # decided before the step
-                action = agent.sample_action(obs, is_first) if acting else envs.action_space.sample()
-                next_obs, reward, terminated, truncated, _ = envs.step(action)
-                global_step += n
-                # NEXT_STEP autoreset: an env whose obs was terminal ignored `action` and returned its reset obs.
-                obs, prev_action, is_first, done = to_chw(next_obs), action, done, terminated | truncated
-                reward = reward.astype(np.float32)
-                ep_return = np.where(is_first, 0, ep_return + reward)
-                ep_length = np.where(is_first, 0, ep_length + 1)
-                for i in np.flatnonzero(done):
-                    recent_returns.append(ep_return[i])
-                    writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
-                    writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
-                if args.capture_video:
-                    video = capture(video, video_episode, obs[0], is_first[0], done[0], run_name)
-                    video_episode += int(done[0])
-                if learning:
-                    window = window or (time.time(), global_step, agent.ac.updates)
-                    counters["train_credit"] += n
-                    counters["trained_steps"] += n
-                    while counters["train_credit"] >= args.train_every:  # exact cadence for any num_envs
-                        metrics.append(agent.train_step(buffer.sample()))
-                        counters["train_credit"] -= args.train_every
-                if next_checkpoint is not None and global_step >= next_checkpoint:
-                    save_checkpoint(path, agent, args, counters_now())
-                    next_checkpoint += args.checkpoint_every
-                if time.time() - last_log >= args.log_seconds or global_step >= args.total_steps:
-                    window = log_progress(args, writer, global_step, agent.ac.updates, counters["trained_steps"],
-                                          frames_per_step, window, metrics, recent_returns, train_from)
-                    log_images(writer, agent, global_step)
-                    metrics, last_log = [], time.time()
-            if args.save_model:
-                save_checkpoint(path, agent, args, counters_now())
-                print(f"checkpoint saved to {path}", flush=True)
-            if args.eval_episodes:
-                report_evaluation(args, agent, writer, global_step, f"{path}.eval.json" if args.save_model else None)
-        except KeyboardInterrupt:
-            save_checkpoint(path, agent, args, counters_now())
-            print(f"interrupted at step {global_step:,}; checkpoint saved to {path} (continue with --resume {path})",
-                  flush=True)
-    except FloatingPointError as e:
+        while global_step < args.total_steps and not stop:
+            buffer.add(obs, np.where(is_first, 0, prev_action), reward, terminated, is_first)  # the one entry point
+            acting, learning = global_step >= args.prefill, global_step >= train_from  # decided before the step
+            action = agent.sample_action(obs, is_first) if acting else envs.action_space.sample()
+            next_obs, reward, terminated, truncated, _ = envs.step(action)
+            global_step += n
+            # NEXT_STEP autoreset: an env whose obs was terminal ignored `action` and returned its reset obs.
+            obs, prev_action, is_first, done = to_chw(next_obs), action, done, terminated | truncated
+            reward = reward.astype(np.float32)
+            ep_return = np.where(is_first, 0, ep_return + reward)
+            ep_length = np.where(is_first, 0, ep_length + 1)
+            for i in np.flatnonzero(done):
+                recent_returns.append(ep_return[i])
+                writer.add_scalar("charts/episodic_return", ep_return[i], global_step)
+                writer.add_scalar("charts/episodic_length", ep_length[i], global_step)
+            if args.capture_video:
+                video = capture(video, video_episode, obs[0], is_first[0], done[0], run_name)
+                video_episode += int(done[0])
+            if learning:
+                window = window or (time.time(), global_step, agent.ac.updates)
+                counters["train_credit"] += n
+                counters["trained_steps"] += n
+                while counters["train_credit"] >= steps_per_update:  # exact cadence for any num_envs
+                    metrics.append(agent.train_step(buffer.sample()))
+                    counters["train_credit"] -= steps_per_update
+            if next_checkpoint is not None and global_step >= next_checkpoint:
+                save_run(path, agent, args, counters_now(), buffer, envs, wandb_id, saved_step)
+                saved_step, next_checkpoint = global_step, next_checkpoint + checkpoint_every
+            if next_eval is not None and global_step >= next_eval and global_step < args.total_steps:
+                baseline = periodic_evaluation(args, agent, writer, global_step, baseline)
+                next_eval += args.eval_every
+            if time.time() - last_log >= args.log_seconds or global_step >= args.total_steps:
+                window = log_progress(args, writer, global_step, agent.ac.updates, counters["trained_steps"],
+                                      frames_per_step, window, metrics, recent_returns, train_from)
+                log_images(writer, agent, global_step)
+                metrics, last_log = [], time.time()
+        for sig, handler in handlers.items():  # from here on a signal stops at once; the checkpoint is atomic
+            signal.signal(sig, handler)
+        if stop or args.save_model:
+            save_run(path, agent, args, counters_now(), buffer, envs, wandb_id, saved_step)
+            print(f"checkpoint saved to {path}", flush=True)
+        if stop:
+            print(f"interrupted at step {global_step:,} (continue with --resume {path})", flush=True)
+        elif args.eval_episodes:
+            report_evaluation(args, agent, writer, global_step, f"{path}.eval.json" if args.save_model else None,
+                              baseline)
+    except (FloatingPointError, KeyboardInterrupt) as e:
         kept = f"the last good checkpoint is {path}" if os.path.exists(path) else "no checkpoint was written"
-        print(f"error: {e} at step {global_step:,}; stopped before it reached the weights; {kept}", file=sys.stderr)
-        raise SystemExit(1)
+        why = f"error: {e}, stopped before it reached the weights" if isinstance(e, FloatingPointError) else \
+            "stopped at once, without saving"
+        print(f"{why}, at step {global_step:,}; {kept}", file=sys.stderr)
+        raise SystemExit(1 if isinstance(e, FloatingPointError) else 130)
     finally:
-        signal.signal(signal.SIGTERM, previous_sigterm)
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
         writer.close()
         envs.close()
         if args.track:
+            import wandb
+
             wandb.finish()
             wandb.tensorboard.unpatch()  # a later run in this process must not write into this run's folder
     return run_name

@@ -39,14 +39,25 @@ def test_random_return_is_what_the_docstring_says():
 
 
 def test_env_flag_accepts_module_ids(capsys):
-    assert da.resolve_env(CATCH) == ("gym", CATCH)
+    assert da.resolve_env(CATCH) == ("gym", CATCH, CATCH)
     with pytest.raises(SystemExit):
         da.resolve_env("no_such_module:Catch-v0")
     assert capsys.readouterr().err.startswith("error: --env: cannot import")
 
 
-def test_gymnasium_atari_ids_point_to_the_game_name(capsys):
+@pytest.mark.parametrize("name", ["MsPacmanNoFrameskip-v4", "MsPacman-v4", "ALE/MsPacman-v5", "MsPacmanDeterministic-v4"])
+def test_gymnasium_atari_ids_run_the_game_under_our_protocol_with_one_line(name, capsys):
+    assert da.resolve_env(name, announce=True) == ("atari", "ms_pacman", "MsPacman")
+    out = capsys.readouterr().out.strip()
+    assert len(out.splitlines()) == 1 and out.startswith(f"--env {name}: ") and "running MsPacman" in out
+    assert da.validate(da.Args(env=name, size="tiny")).env == "MsPacman"  # the run folder and JSON name the game
+    for plain in ["MsPacman", "ms_pacman"]:
+        assert da.resolve_env(plain, announce=True)[:2] == ("atari", "ms_pacman")
+    assert capsys.readouterr().out.count("--env") == 1  # the plain names print nothing
+
+
+def test_an_unknown_env_names_the_forms_that_work(capsys):
     with pytest.raises(SystemExit):
-        da.resolve_env("MsPacmanNoFrameskip-v4")  # CleanRL's ids: their own frame skip and sticky actions
-    assert capsys.readouterr().err.rstrip().endswith("use --env MsPacman")
-    assert da.resolve_env("ALE/MsPacman-v5") == ("atari", "ms_pacman")
+        da.resolve_env("MsPacmn-v5")
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "did you mean MsPacman" in err and "BreakoutNoFrameskip-v4" in err

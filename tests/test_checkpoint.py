@@ -51,8 +51,8 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint(tiny_args, monkeypatch
     assert all(torch.equal(after["agent"][k], before["agent"][k]) for k in before["agent"])
 
 
-def test_resume_restores_weights_bit_for_bit_and_continues_the_step(tiny_args, capsys):
-    path, _ = trained_checkpoint(tiny_args)
+def test_resume_restores_weights_bit_for_bit_and_continues_the_run(tiny_args, capsys):
+    path, run_name = trained_checkpoint(tiny_args)
     state = torch.load(path, weights_only=True)
     args = da.validate(tiny_args())
     agent = da.Dreamer(args, (1, 64, 64), 6, torch.device("cpu"))
@@ -62,14 +62,33 @@ def test_resume_restores_weights_bit_for_bit_and_continues_the_step(tiny_args, c
     assert adam_steps and all(float(s) == state["counters"]["updates"] for s in adam_steps)
 
     capsys.readouterr()
-    run_name = da.main(tiny_args(resume=path, **{**SHORT, "total_steps": 480, "log_seconds": 1e-3}))
-    prefill_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prefill ")]
-    assert prefill_lines and all(int(line.split()[1].split("/")[0].replace(",", "")) <= 100 for line in prefill_lines)
+    resumed = da.main(tiny_args(resume=path, **{**SHORT, "total_steps": 320}))
+    out = capsys.readouterr().out
+    assert resumed == run_name and "resumed at step 240" in out  # the same run folder
+    assert not [line for line in out.splitlines() if line.startswith("prefill ")]  # the replay came back: no refill
     acc = EventAccumulator(os.path.join("runs", run_name))
     acc.Reload()
-    progress = acc.Scalars("charts/PRGS")
-    assert progress[0].step > 240 and progress[-1].step == 480  # counting goes on from the saved step
-    assert "losses/world_model" in acc.Tags()["scalars"]  # it trained again after refilling --prefill steps
+    steps = [e.step for e in acc.Scalars("charts/PRGS")]
+    assert steps == sorted(steps) and steps[-1] == 320 and 240 in steps  # one curve that goes on from the save
+    losses = [e.step for e in acc.Scalars("losses/world_model")]
+    assert min(losses) <= 240 < max(losses)  # it trained in both sessions
+
+
+def test_resume_without_its_replay_is_one_line_unless_accepted(tiny_args, capsys):
+    path, run_name = trained_checkpoint(tiny_args)
+    (replay,) = glob.glob(f"{path}.replay-*.npz")
+    with open(replay, "r+b") as f:
+        f.truncate(os.path.getsize(replay) // 2)
+    for damage, why in [(lambda: None, "cannot be read"), (lambda: os.remove(replay), "is missing")]:
+        damage()
+        with pytest.raises(SystemExit) as exit_info:
+            da.main(tiny_args(resume=path, **{**SHORT, "total_steps": 480}))
+        err = capsys.readouterr().err.strip()
+        assert exit_info.value.code == 2 and len(err.splitlines()) == 1 and "--resume-without-replay" in err
+        assert why in err
+    da.main(tiny_args(resume=path, resume_without_replay=True, **{**SHORT, "total_steps": 360, "log_seconds": 1e-3}))
+    prefill_lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("prefill ")]
+    assert prefill_lines and all(int(line.split()[1].split("/")[0].replace(",", "")) <= 100 for line in prefill_lines)
 
 
 def test_resume_with_other_sizes_or_preset_is_one_clear_line(tiny_args, capsys):
@@ -164,8 +183,7 @@ def test_capture_video_and_open_loop_dream(tiny_args):
     assert {"images/open_loop_dream", "images/reconstruction"} <= set(acc.Tags()["images"])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_saves_a_checkpoint_and_exits_0(sig):
+def test_ctrl_c_saves_a_checkpoint_and_exits_0():  # SIGTERM: tests/test_resume.py
     flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
     process = subprocess.Popen([sys.executable, SCRIPT, *flags, "--total-steps=1000000", "--eval-episodes=0"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -173,7 +191,7 @@ def test_interrupt_saves_a_checkpoint_and_exits_0(sig):
     while not glob.glob("runs/*/events.*") and time.time() < deadline:
         time.sleep(0.2)
     time.sleep(2)  # inside the training loop
-    process.send_signal(sig)
+    process.send_signal(signal.SIGINT)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err
     assert "checkpoint saved to" in out and "--resume" in out
