@@ -253,8 +253,9 @@ def cli_defaults(argv: list[str]) -> Args:
             if arg == flag and i + 1 < len(argv):
                 value = argv[i + 1]
             try:
-                chosen[field] = parse(value) if value is not None else chosen[field]
-            except (ValueError, KeyError):
+                if value is not None:
+                    chosen[field] = parse(value)
+            except ValueError:
                 pass  # tyro reports a malformed value
     docs = help_from_docstrings()
     for field in dataclasses.fields(Args):
@@ -351,11 +352,10 @@ def resolve_env(name: str, announce: bool = False) -> tuple[str, str, str]:
         return "gym", name, name
 
     roms = set(ale_py.roms.get_all_rom_ids())
-    camel = {r.title().replace("_", ""): r for r in roms}
     short = re.sub(r"^ALE/|(NoFrameskip|Deterministic)?-v\d+$", "", name)
     rom = short if short in roms else re.sub(r"(?<!^)(?=[A-Z])", "_", short).lower()
     if rom in roms:
-        game = next(k for k, v in camel.items() if v == rom) if short != name else name
+        game = rom.title().replace("_", "") if short != name else name  # ms_pacman -> MsPacman
         if short != name and announce:
             print(f"--env {name}: gymnasium's Atari id brings its own frame skip and sticky actions; running {game} "
                   f"under this script's protocol instead (action repeat 4 with max-pooling, 64x64 gray, --sticky-"
@@ -363,7 +363,8 @@ def resolve_env(name: str, announce: bool = False) -> tuple[str, str, str]:
         return "atari", rom, game
     if gym.registry.get(name) is not None:
         return "gym", name, name
-    close = difflib.get_close_matches(short, list(camel), n=3)
+    camel = [r.title().replace("_", "") for r in roms]
+    close = difflib.get_close_matches(short, camel, n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     fail("--env", f"unknown game '{name}'; {hint}choose one of the {len(roms)} Atari games in CamelCase "
                   f"(e.g. SpaceInvaders, Breakout, Pong), gymnasium's ids for them (BreakoutNoFrameskip-v4, "
@@ -432,6 +433,17 @@ class ReplayBuffer:
         self.steps = 0  # entries written to each stream (all streams advance together)
         self.row_env = np.zeros(batch_size, np.int64)
         self.row_pos = np.full(batch_size, -1, np.int64)  # absolute index of each row's next chunk; -1: restart
+
+    @property
+    def stored(self) -> int:
+        """Entries each env's stream holds now."""
+        return min(self.steps, self.capacity)
+
+    @property
+    def layout(self) -> list[int]:
+        """What a saved replay must match to be restored into this buffer: envs, capacity per env, batch, seq,
+        frame shape."""
+        return [self.num_envs, self.capacity, self.batch_size, self.seq_len, *self.obs.shape[2:]]
 
     @property
     def nbytes(self) -> int:
@@ -674,8 +686,17 @@ def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimi
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    groups = [dict(params=decay, weight_decay=weight_decay / lr), dict(params=rest, weight_decay=0.0)]
-    return torch.optim.AdamW(groups, lr=lr, eps=1e-5)
+    opt = torch.optim.AdamW([dict(params=decay), dict(params=rest)], eps=1e-5)
+    set_optimizer_values(opt, lr, weight_decay)
+    return opt
+
+
+def set_optimizer_values(opt: torch.optim.Optimizer, lr: float, weight_decay: float):
+    """Learning rate and decay of an optimizer from `make_optimizer` (also after its state was restored). AdamW
+    multiplies its decay by the learning rate, so the decay group gets wd / lr: `w <- (1 - wd) w` per step."""
+    decay, rest = opt.param_groups
+    decay.update(lr=lr, weight_decay=weight_decay / lr)
+    rest.update(lr=lr, weight_decay=0.0)
 
 
 def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> float:
@@ -996,9 +1017,8 @@ def save_checkpoint(path: str, agent: Dreamer, args: Args, counters: dict, extra
 def save_replay(path: str, buffer: ReplayBuffer, train_state) -> int:
     """The stored part of the replay buffer (uint8 frames), its sampler's random state, each TBPTT row's next
     position and the RSSM state it carries, written atomically like the checkpoint. Returns the file's size."""
-    n = min(buffer.steps, buffer.capacity)
-    layout = [buffer.num_envs, buffer.capacity, buffer.batch_size, buffer.seq_len, *buffer.obs.shape[2:]]
-    arrays = dict(layout=np.array(layout), obs=buffer.obs[:, :n], action=buffer.action[:, :n],
+    n = buffer.stored
+    arrays = dict(layout=np.array(buffer.layout), obs=buffer.obs[:, :n], action=buffer.action[:, :n],
                   reward=buffer.reward[:, :n], terminated=buffer.terminated[:, :n], is_first=buffer.is_first[:, :n],
                   steps=np.array(buffer.steps), row_env=buffer.row_env, row_pos=buffer.row_pos,
                   rng=np.array(json.dumps(buffer.rng.bit_generator.state)),
@@ -1028,12 +1048,11 @@ def read_frames(path: str, frames: np.ndarray, chunk: int = 2**26):
 def load_replay(path: str, buffer: ReplayBuffer, device) -> tuple[torch.Tensor, torch.Tensor] | str:
     """Restore a replay file written by `save_replay` into `buffer`. Returns the rows' carried RSSM state (h, z), or
     why the file cannot be used."""
-    layout = [buffer.num_envs, buffer.capacity, buffer.batch_size, buffer.seq_len, *buffer.obs.shape[2:]]
     try:
         with np.load(path) as data:
-            if data["layout"].tolist() != layout:
+            if data["layout"].tolist() != buffer.layout:
                 return (f"'{path}' holds (envs, capacity per env, batch, seq, frame) {data['layout'].tolist()}, "
-                        f"this run has {layout}")
+                        f"this run has {buffer.layout}")
             n = data["action"].shape[1]
             for name in ["action", "reward", "terminated", "is_first"]:
                 getattr(buffer, name)[:, :n] = data[name]
@@ -1078,7 +1097,7 @@ def save_run(path: str, agent: Dreamer, args: Args, counters: dict, buffer: Repl
     if replay:
         start = time.time()
         size = save_replay(os.path.join(folder, replay), buffer, agent.train_state)
-        print(f"replay of {min(buffer.steps, buffer.capacity) * buffer.num_envs:,} steps written: "
+        print(f"replay of {buffer.stored * buffer.num_envs:,} steps written: "
               f"{size / 2**20:,.1f} MiB in {time.time() - start:.1f} s", flush=True)
     root, ext = os.path.splitext(path)
     if args.keep_checkpoints > 1 and previous_step not in (None, step) and os.path.exists(path):
@@ -1146,9 +1165,7 @@ def resume_from(args: Args, state: dict, agent: Dreamer, buffer: ReplayBuffer, e
     agent.ac.updates = counters["updates"]
     lrs = {"world_model": args.lr_model, "actor": args.lr_actor, "critic": args.lr_critic, "probe": args.lr_model}
     for name, opt in agent.optimizers().items():
-        decay, rest = opt.param_groups  # as make_optimizer builds them
-        decay["lr"] = rest["lr"] = lrs[name]
-        decay["weight_decay"] = args.weight_decay / lrs[name]
+        set_optimizer_values(opt, lrs[name], args.weight_decay)
     changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}"
                for k in ["lr_model", "lr_actor", "lr_critic", "weight_decay"] if state["args"][k] != getattr(args, k)]
     if changed:
@@ -1179,14 +1196,14 @@ def open_run(args: Args, state: dict | None) -> tuple[str, str, SummaryWriter, s
         run_name = os.path.basename(os.path.abspath(folder))
     else:
         env_name = re.sub(r"[^\w.-]", "_", args.env)  # `module:EnvId` makes no folder name on every system
-        run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        base = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
         os.makedirs("runs", exist_ok=True)
-        for suffix in range(2, 1000):
+        for run_name in [base] + [f"{base}-{suffix}" for suffix in range(2, 1000)]:
             try:
                 os.mkdir(f"runs/{run_name}")
                 break
             except FileExistsError:
-                run_name = f"{env_name}__{args.exp_name}__{args.seed}__{int(time.time())}-{suffix}"
+                pass
         folder, wandb_id, step = f"runs/{run_name}", None, None
         path = f"{folder}/{args.exp_name}.cleanrl_model"
     if args.track:
@@ -1237,10 +1254,14 @@ def evaluate(args: Args, policy, episodes: int, seed: int, frames: list | None =
     return returns
 
 
+EVAL_SEED_OFFSET = 10_000  # evaluation envs are seeded apart from the training envs
+
+
 def random_returns(args: Args, action_dim: int) -> list[float]:
     """The uniform random policy on the evaluation seeds: the baseline every evaluation is read against."""
-    rng = np.random.default_rng(args.seed + 10_000)
-    return evaluate(args, lambda o, f: rng.integers(action_dim, size=len(o)), args.eval_episodes, args.seed + 10_000)
+    rng = np.random.default_rng(args.seed + EVAL_SEED_OFFSET)
+    return evaluate(args, lambda o, f: rng.integers(action_dim, size=len(o)), args.eval_episodes,
+                    args.seed + EVAL_SEED_OFFSET)
 
 
 def report_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: int, json_path: str | None,
@@ -1249,7 +1270,7 @@ def report_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step: i
     if it was computed already), on the same seeds: print mean, std, min and max of the return, log them, optionally
     write them as JSON and a GIF of the greedy policy's first episode. A greedy score far below the sampled one
     shows a half-trained argmax stuck."""
-    seed, frames = args.seed + 10_000, [] if args.eval_gif else None
+    seed, frames = args.seed + EVAL_SEED_OFFSET, [] if args.eval_gif else None
     policies = {"greedy": lambda o, f: agent.sample_action(o, f, greedy=True),
                 "sampled": lambda o, f: agent.sample_action(o, f), "random": None}
     stats = {"env": args.env, "global_step": step, "episodes": args.eval_episodes, "seed": seed}
@@ -1293,7 +1314,7 @@ def periodic_evaluation(args: Args, agent: Dreamer, writer: SummaryWriter, step:
     agent.act_state = None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         returns = evaluate(args, lambda o, f: agent.sample_action(o, f, greedy=True), args.eval_episodes,
-                           args.seed + 10_000)
+                           args.seed + EVAL_SEED_OFFSET)
     agent.act_state = acting
     baseline = baseline or random_returns(args, agent.action_dim)
     log_returns(writer, "eval", returns, step)

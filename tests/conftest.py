@@ -1,5 +1,8 @@
+import glob
 import os
+import subprocess
 import sys
+import time
 
 import pytest
 
@@ -9,6 +12,22 @@ import dreamer_atari as da  # noqa: E402
 
 # Tiny sizes: a few hundred policy steps of real ALE SpaceInvaders run in seconds on 2 CPU cores.
 TINY = dict(size="tiny", prefill=100, buffer_size=2000, log_seconds=0.5, eval_episodes=2)
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dreamer_atari.py")
+
+
+def signal_a_training_run(sig, *flags: str, settle: float = 2.0) -> tuple[int, str, str]:
+    """Start `dreamer_atari.py` at the tiny sizes with `flags` in a subprocess, wait until it logs and then
+    `settle` seconds more (inside the training loop), send `sig`. Returns (exit code, stdout, stderr)."""
+    tiny = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
+    process = subprocess.Popen([sys.executable, SCRIPT, *tiny, "--total-steps=1000000", *flags],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not glob.glob("runs/*/events.*") and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(settle)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=120)
+    return process.returncode, out, err
 
 
 @pytest.fixture

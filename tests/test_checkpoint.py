@@ -1,11 +1,7 @@
 import glob
 import json
-import math
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -13,9 +9,8 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dreamer_atari as da
-from tests.conftest import TINY
+from tests.conftest import signal_a_training_run
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dreamer_atari.py")
 SHORT = dict(total_steps=240, max_episode_frames=400, eval_episodes=0)
 
 
@@ -184,16 +179,8 @@ def test_capture_video_and_open_loop_dream(tiny_args):
 
 
 def test_ctrl_c_saves_a_checkpoint_and_exits_0():  # SIGTERM: tests/test_resume.py
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    process = subprocess.Popen([sys.executable, SCRIPT, *flags, "--total-steps=1000000", "--eval-episodes=0"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not glob.glob("runs/*/events.*") and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(2)  # inside the training loop
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    code, out, err = signal_a_training_run(signal.SIGINT, "--eval-episodes=0")
+    assert code == 0, err
     assert "checkpoint saved to" in out and "--resume" in out
     (path,) = glob.glob("runs/*/dreamer_atari.cleanrl_model")
     assert torch.load(path, weights_only=True)["counters"]["global_step"] > 0

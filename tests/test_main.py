@@ -8,8 +8,8 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dreamer_atari as da
+from tests.conftest import SCRIPT
 
-SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "dreamer_atari.py")
 LOSSES = ["losses/world_model", "losses/image", "losses/reward", "losses/continue", "losses/kl", "losses/actor",
           "losses/critic"]
 CHARTS = ["charts/SPS", "charts/FPS", "charts/UPS", "charts/PRGS", "charts/train_ratio", "charts/episodic_return",

@@ -14,10 +14,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dreamer_atari as da
-from tests.conftest import TINY
+from tests.conftest import SCRIPT, signal_a_training_run
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCRIPT = os.path.join(REPO, "dreamer_atari.py")
+REPO = os.path.dirname(SCRIPT)
 SHORT = dict(total_steps=240, max_episode_frames=400)
 
 
@@ -137,16 +136,8 @@ def test_kill_9_during_a_checkpoint_and_replay_write_leaves_the_previous_pair_lo
 
 
 def test_sigterm_then_resume_from_the_command_line_continues_the_run():
-    flags = [f"--{k.replace('_', '-')}={v}" for k, v in TINY.items()]
-    process = subprocess.Popen([sys.executable, SCRIPT, *flags, "--total-steps=1000000", "--save-model",
-                                "--max-episode-frames=400"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not glob.glob("runs/*/events.*") and time.time() < deadline:
-        time.sleep(0.2)
-    time.sleep(3)  # inside the training loop
-    process.send_signal(signal.SIGTERM)
-    out, err = process.communicate(timeout=120)
-    assert process.returncode == 0, err
+    code, out, err = signal_a_training_run(signal.SIGTERM, "--save-model", "--max-episode-frames=400", settle=3.0)
+    assert code == 0, err
     (path,) = glob.glob("runs/*/dreamer_atari.cleanrl_model")
     state = torch.load(path, weights_only=True)
     step = state["counters"]["global_step"]
