@@ -546,6 +546,15 @@ class ConvDecoder(nn.Module):
         return F.pixel_shuffle(x, 2)
 
 
+def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
+    """One class index per row of `probs` (..., K) by inverting its CDF with one uniform draw per row: the index is
+    how many cumulative probabilities lie at or below u. The same distribution as torch.multinomial, which draws
+    K exponentials per row; at v2 sizes, imagination's 25,600 latent rows per step took 5 ms instead of 44 ms."""
+    probs = probs.detach()
+    u = torch.rand(probs.shape[:-1] + (1,), device=probs.device, dtype=probs.dtype) * probs.sum(-1, keepdim=True)
+    return (probs.cumsum(-1) <= u).sum(-1).clamp(max=probs.shape[-1] - 1)
+
+
 class LayerNormGRUCell(nn.Module):
     """GRU cell with LayerNorm on the gates and update bias -1, as in DreamerV2's RSSM."""
 
@@ -595,8 +604,7 @@ class RSSM(nn.Module):
         stats = stats.float()
         if self.discrete:
             probs = stats.unflatten(-1, (self.stoch, self.classes)).softmax(-1)
-            onehot = F.one_hot(torch.multinomial(probs.flatten(0, -2), 1).squeeze(-1), self.classes)
-            onehot = onehot.reshape(probs.shape).to(probs.dtype)
+            onehot = F.one_hot(sample_categorical(probs), self.classes).to(probs.dtype)
             return (onehot + probs - probs.detach()).flatten(-2)
         mean, std = stats.chunk(2, -1)
         return mean + (F.softplus(std) + 0.1) * torch.randn_like(mean)
@@ -639,14 +647,24 @@ class RSSM(nn.Module):
         return h, self.sample(post), prior, post
 
     def observe(self, embed, action, is_first, state):
-        """Filter a (B, T) sequence from `state`; returns stacked h, z, prior, post (B, T, ...) and the last state."""
+        """Filter a (B, T) sequence from `state`; returns stacked h, z, prior, post (B, T, ...) and the last state.
+        The same math as T calls of `obs_step`, but what does not feed the recurrence runs once over all B*T rows:
+        the posterior's first layer on the embedding (its weight split into h and embedding columns) and the prior.
+        At v2 sizes the loop's matmuls have only B = 16 rows; the filter's forward and backward took 2.0 s instead of
+        2.3 s (one thread, the other core busy)."""
+        first = self.post_net[0]
+        w_h, w_e = first.weight.split([self.deter, embed.shape[-1]], 1)
+        embed_in = F.linear(embed, w_e, first.bias)  # (B, T, hidden)
         h, z = state
-        hs, zs, priors, posts = [], [], [], []
+        hs, zs, posts = [], [], []
         for t in range(embed.shape[1]):
-            h, z, prior, post = self.obs_step(h, z, action[:, t], embed[:, t], is_first[:, t])
-            hs.append(h), zs.append(z), priors.append(prior), posts.append(post)
-        stack = lambda xs: torch.stack(xs, 1)
-        return stack(hs), stack(zs), stack(priors), stack(posts), (h, z)
+            keep = (~is_first[:, t]).to(h.dtype)[:, None]
+            h = self.advance(h * keep, z * keep, action[:, t] * keep)
+            post = self.post_net[1:](embed_in[:, t] + F.linear(h, w_h))
+            z = self.sample(post)
+            hs.append(h), zs.append(z), posts.append(post)
+        hs = torch.stack(hs, 1)
+        return hs, torch.stack(zs, 1), self.prior_net(hs), torch.stack(posts, 1), (h, z)
 
 
 def kl_loss(rssm: RSSM, post, prior, alpha: float, free_nats: float):
@@ -833,44 +851,51 @@ class ActorCritic(nn.Module):
         self.updates = 0
 
     def imagine(self, wm: WorldModel, h, z):
-        """Roll the prior H steps from each start with actions from the actor on sg(features).
-        Returns features (H + 1, N, F) and one-hot actions (H, N, A); actions[t] is taken at z_t."""
-        feats, actions = [wm.rssm.feat(h, z)], []
+        """Roll the prior H steps from each start with actions from the actor on sg(features). Returns features
+        (H + 1, N, F), one-hot actions (H, N, A) and the actor's logits (H, N, A); actions[t] is taken at z_t. The
+        logits keep their graph to the actor (also where the rollout itself has none), so its loss needs no second
+        forward pass."""
+        feats, actions, logits = [wm.rssm.feat(h, z)], [], []
         for _ in range(self.args.horizon):
-            probs = self.actor(feats[-1].detach()).float().softmax(-1)
-            action = F.one_hot(torch.multinomial(probs, 1).squeeze(-1), probs.shape[-1]).to(probs.dtype)
+            with torch.enable_grad():
+                logits.append(self.actor(feats[-1].detach()).float())
+            probs = logits[-1].detach().softmax(-1)
+            action = F.one_hot(sample_categorical(probs), probs.shape[-1]).to(probs.dtype)
             if self.args.actor_grad == "dynamics":
                 action = action + probs - probs.detach()
             h, z, _ = wm.rssm.img_step(h, z, action)
             feats.append(wm.rssm.feat(h, z))
             actions.append(action)
-        return torch.stack(feats), torch.stack(actions)
+        with torch.enable_grad():
+            logits = torch.stack(logits)
+        return torch.stack(feats), torch.stack(actions), logits
 
     def imagined_returns(self, wm: WorldModel, h, z, terminated):
         """Imagine from the states (h, z), predict rewards and continues, and form the lambda-returns against the
-        slow critic. Returns feats, actions, reward, cont, slow_value (H + 1 entries) and returns R_0 .. R_{H-1}."""
-        feats, actions = self.imagine(wm, h, z)
+        slow critic. Returns feats, actions, logits, reward, cont, slow_value (H + 1 entries) and returns
+        R_0 .. R_{H-1}."""
+        feats, actions, logits = self.imagine(wm, h, z)
         reward = wm.reward_head(feats).squeeze(-1).float()
         cont = torch.sigmoid(wm.cont_head(feats).squeeze(-1).float())
         cont = torch.cat([self.args.gamma * (1.0 - terminated.float())[None], cont[1:]])  # true first continue
         slow_value = self.slow_critic(feats).squeeze(-1).float()
         returns = lambda_return(reward[:-1], cont[:-1], slow_value, self.args.return_lambda)
-        return feats, actions, reward, cont, slow_value, returns
+        return feats, actions, logits, reward, cont, slow_value, returns
 
     def train_step(self, wm: WorldModel, h, z, terminated) -> dict[str, torch.Tensor]:
         """One actor and one critic update from every posterior state (h, z) of the batch (B*T starts)."""
         args = self.args
         wm.requires_grad_(False)
         with torch.set_grad_enabled(args.actor_grad == "dynamics"):
-            feats, actions, reward, cont, slow_value, returns = self.imagined_returns(wm, h.detach(), z.detach(),
-                                                                                      terminated)
+            feats, actions, logits, reward, cont, slow_value, returns = self.imagined_returns(
+                wm, h.detach(), z.detach(), terminated)
         wm.requires_grad_(True)
         weight = torch.cumprod(torch.cat([torch.ones_like(cont[:1]), cont[:-1]]), 0).detach()  # w_t = prod_{k<t} c_k
 
         # Shapes: feats (H+1, N, F), actions (H, N, A), returns (H, N) = R_0 .. R_{H-1}, slow_value and weight
         # (H+1, N). Actor (DreamerV2 Eq. 6): log pi(a_{t+1} | z_t), where a_{t+1} is the action taken at z_t
         # (actions[t]), for t = 0 .. H-2, the starts whose action has a return R_{t+1} after it.
-        logp = self.actor(feats[:-2].detach()).float().log_softmax(-1)  # (H-1, N, A): z_0 .. z_{H-2}
+        logp = logits[:-1].log_softmax(-1)  # (H-1, N, A): z_0 .. z_{H-2}
         entropy = -(logp.exp() * logp).sum(-1)  # (H-1, N)
         if args.actor_grad == "reinforce":  # advantage R_{t+1} - v_slow(z_t), (H-1, N)
             objective = (logp * actions[:-1].detach()).sum(-1) * (returns[1:] - slow_value[:-2]).detach()
@@ -943,7 +968,7 @@ class Dreamer(nn.Module):
             embed = self.wm.encoder(preprocess(obs_t))
             h, z, _, _ = self.wm.rssm.obs_step(h, z, prev_action, embed, first)
             logits = self.ac.actor(self.wm.rssm.feat(h, z)).float()
-        action = logits.argmax(-1) if greedy else torch.multinomial(logits.softmax(-1), 1).squeeze(-1)
+        action = logits.argmax(-1) if greedy else sample_categorical(logits.softmax(-1))
         self.act_state = (h.float(), z.float(), F.one_hot(action, self.action_dim).float())
         return action.cpu().numpy()
 

@@ -88,6 +88,41 @@ def test_rssm_shapes_and_gradient_flow(discrete):
     assert rssm.gru.linear.weight.grad.abs().sum() > 0  # ... and through time into the GRU
 
 
+@pytest.mark.parametrize("discrete", [True, False])
+def test_observe_computes_what_obs_step_computes(discrete):
+    """observe batches the prior and the posterior's embedding input over the sequence: the same h, z, prior and
+    post as filtering with obs_step one step at a time (the acting path), and the same gradients."""
+    rssm = make_rssm(discrete)
+    B, T = 3, 6
+    embed = torch.randn(B, T, 8, requires_grad=True)
+    action = torch.nn.functional.one_hot(torch.randint(0, 3, (B, T)), 3).float()
+    is_first = torch.rand(B, T) < 0.3
+    state = (torch.randn(B, 16), rssm.sample(torch.randn(B, 20 if discrete else 8)))
+    torch.manual_seed(2)
+    batched = rssm.observe(embed, action, is_first, state)[:4]
+    grad = torch.autograd.grad(sum((x * torch.linspace(-1, 1, x.shape[-1])).sum() for x in batched), embed)[0]
+    torch.manual_seed(2)
+    (h, z), steps = state, []
+    for t in range(T):
+        h, z, prior, post = rssm.obs_step(h, z, action[:, t], embed[:, t], is_first[:, t])
+        steps.append((h, z, prior, post))
+    stepwise = [torch.stack(xs, 1) for xs in zip(*steps)]
+    for got, expected in zip(batched, stepwise):
+        torch.testing.assert_close(got, expected)
+    expected_grad = torch.autograd.grad(sum((x * torch.linspace(-1, 1, x.shape[-1])).sum() for x in stepwise), embed)[0]
+    torch.testing.assert_close(grad, expected_grad)
+
+
+def test_sample_categorical_draws_each_class_with_its_probability():
+    torch.manual_seed(0)
+    probs = torch.tensor([[0.5, 0.0, 0.3, 0.2], [0.0, 0.0, 0.0, 1.0], [0.25, 0.25, 0.25, 0.25]])
+    draws = da.sample_categorical(probs.repeat(40000, 1, 1))  # (40000, 3)
+    assert draws.shape == (40000, 3) and draws.dtype == torch.int64
+    freq = torch.nn.functional.one_hot(draws, 4).float().mean(0)
+    torch.testing.assert_close(freq, probs, atol=0.01, rtol=0)  # 0.01 is over 4 standard errors at 40,000 draws
+    assert not (draws[:, 0] == 1).any() and (draws[:, 1] == 3).all()  # a zero-probability class is never drawn
+
+
 def test_is_first_resets_the_state():
     torch.manual_seed(0)
     rssm = make_rssm(True)
