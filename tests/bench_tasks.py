@@ -41,7 +41,7 @@ def main():
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     parser.add_argument("--total-steps", type=int, default=CATCH_ARGS["total_steps"])
     parser.add_argument("--bt-scale", type=float, help="weight of the Barlow Twins loss (0 cuts it: a control)")
-    parser.add_argument("--set", nargs="*", default=[], metavar="FLAG=VALUE",
+    parser.add_argument("--set", nargs="+", action="extend", default=[], metavar="FLAG=VALUE",
                         help="any other Args field, e.g. lr_actor=3e-4 (JSON values)")
     opts = parser.parse_args()
     env, random_return, optimum = TASKS[opts.task]
