@@ -10,8 +10,8 @@ started by the `learning_runs` fixture; each test waits for its own run.
 
 Measured on the development machine (2 CPU cores; seed 1 runs here):
 - decoder-free on Catch, 16,000 policy steps (3,875 updates, each about half a decoder update): 0.78, 0.82, 0.94
-  for seeds 1-3 (random -0.80, -0.74, -0.78; 0.30, 0.38, 0.92 before commit c8c0278 changed the random stream). Flipping the actor loss's sign gave -0.82, cutting the Barlow Twins
-  term (--bt-scale 0) -0.78: both fail. At 12,000 steps seed 1 scored 0.22, then -0.16 after the channels-last
+  for seeds 1-3 (random -0.80, -0.74, -0.78; 0.30, 0.38, 0.92 before commit c8c0278 changed the random stream).
+  Flipping the actor loss's sign gave -0.82, cutting the Barlow Twins term (--bt-scale 0) -0.78: both fail. At 12,000 steps seed 1 scored 0.22, then -0.16 after the channels-last
   change: too close to the threshold for CI.
 - v2 with the decoder on Cue, 8,000 policy steps (1,875 updates): greedy 1.00, 1.00, 0.22 for seeds 1-3 (random
   -0.36, -0.32, -0.40; `python tests/bench_tasks.py --task cue --variants decoder --total-steps 8000`). Seed 1 learns after about 4,500 steps (1.00 at 6,000),
