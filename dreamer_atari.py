@@ -1,12 +1,14 @@
-"""Dreamer (V1 / V2) on Atari in one file: world model, actor-critic in imagination, and the training loop.
+"""Dreamer (V1 / V2 / V3) on Atari in one file: world model, actor-critic in imagination, and the training loop.
 
     python dreamer_atari.py --env SpaceInvaders             # DreamerV2 (discrete latents, KL balancing)
     python dreamer_atari.py --env Pong --preset v1          # DreamerV1 (Gaussian latents, free nats)
+    python dreamer_atari.py --env Pong --preset v3          # DreamerV3 (symlog two-hot heads, return normalization)
 
 Units: a *policy step* is one agent decision in one env; with action repeat 4 it spans 4 emulator *frames*.
 `global_step` counts policy steps summed over all envs. Sections follow the data flow: args, environment,
 replay buffer, networks, world model, actor-critic, agent, main loop.
-Papers: DreamerV1 arXiv 1912.01603, DreamerV2 arXiv 2010.02193 (equation numbers below refer to them).
+Papers: DreamerV1 arXiv 1912.01603, DreamerV2 arXiv 2010.02193 (equation numbers below refer to them), DreamerV3
+arXiv 2301.04104 (its sections are named; where paper and released code differ, the code of early 2023 is followed).
 """
 
 import copy
@@ -107,14 +109,16 @@ class Args:
     max_episode_frames: int = 108_000
     """episode cap in emulator frames (27,000 policy steps); reaching it is a truncation, not a terminal"""
 
-    preset: Literal["v1", "v2", "decoder-free"] = "v2"
-    """v2: DreamerV2 (32x32 categorical latents, KL balancing); v1: DreamerV1 (Gaussian latents, free nats);
-    decoder-free: v2 latents with a Barlow Twins objective instead of the image decoder"""
+    preset: Literal["v1", "v2", "v3", "decoder-free"] = "v2"
+    """v2: DreamerV2 (32x32 categorical latents, KL balancing); v1: DreamerV1 (Gaussian latents, free nats); v3:
+    DreamerV3 (LayerNorm + SiLU, symlog two-hot reward and critic, free bits per step, 1% unimix, percentile return
+    normalization; its `small` model size); decoder-free: v2 latents with a Barlow Twins objective instead of the image
+    decoder (`--preset v3 --wm-objective barlow` puts it on V3)"""
     size: Literal["preset", "small", "tiny"] = "preset"
     """network sizes with the batch, sequence and horizon shapes that belong with them (SIZES): preset (the paper's);
     small (a 2-core CPU size for small pixel tasks: 0.4M parameters; it also raises the learning rates and the
     entropy bonus and refreshes the slow critic more often, which it needs to learn within tens of thousands of
-    steps); tiny (the test sizes: it runs, it does not learn)"""
+    steps, see SIZE_RATES); tiny (the test sizes: it runs, it does not learn)"""
     wm_objective: Literal["decoder", "barlow"] = None  # type: ignore[assignment]
     """world-model representation loss: reconstruct pixels, or Barlow Twins between the projected latent feature and
     the frame averaged over 8x8-pixel cells (no decoder)"""
@@ -132,6 +136,10 @@ class Args:
     """weight of the KL term in the world-model loss"""
     free_nats: float = None  # type: ignore[assignment]
     """free nats: each KL term is clipped from below at this value after averaging over the batch"""
+    free_nats_per_step: bool = None  # type: ignore[assignment]
+    """clip each KL term at --free-nats per time step before averaging (DreamerV3's free bits) instead of after"""
+    unimix: float = None  # type: ignore[assignment]
+    """share of a uniform distribution mixed into the latent and policy categoricals (DreamerV3: 0.01)"""
     deter_size: int = None  # type: ignore[assignment]
     """size of the deterministic (GRU) state"""
     hidden_size: int = None  # type: ignore[assignment]
@@ -154,17 +162,25 @@ class Args:
     """critic learning rate"""
     gamma: float = None  # type: ignore[assignment]
     """discount factor"""
+    cont_scale: float = None  # type: ignore[assignment]
+    """weight of the continue loss in the world-model loss"""
     return_lambda: float = 0.95
     """lambda of the lambda-return"""
     entropy: float = None  # type: ignore[assignment]
     """actor entropy bonus scale (eta)"""
     actor_grad: Literal["reinforce", "dynamics"] = "reinforce"
-    """actor gradient: REINFORCE with the slow critic as baseline, or backpropagation through the learned dynamics"""
+    """actor gradient: REINFORCE with a critic as baseline, or backpropagation through the learned dynamics"""
     slow_critic_every: int = None  # type: ignore[assignment]
-    """copy the critic into the slow target critic every this many updates"""
+    """move the slow critic towards the critic every this many updates"""
+    slow_critic_fraction: float = None  # type: ignore[assignment]
+    """how far it moves: 1 copies the critic (DreamerV2), 0.02 is an exponential moving average (DreamerV3)"""
     grad_clip: float = 100.0
-    """global gradient-norm clip for every optimizer"""
-    weight_decay: float = 1e-6
+    """global gradient-norm clip for the actor and critic optimizers"""
+    model_grad_clip: float = None  # type: ignore[assignment]
+    """global gradient-norm clip for the world-model optimizer"""
+    model_eps: float = None  # type: ignore[assignment]
+    """Adam epsilon of the world-model optimizer (the actor's and critic's is 1e-5)"""
+    weight_decay: float = None  # type: ignore[assignment]
     """decoupled weight decay per update on weight matrices (DreamerV2 shrinks them by (1 - wd) each step)"""
 
     batch_size: int = None  # type: ignore[assignment]
@@ -199,7 +215,8 @@ class Args:
 
 
 SHARED = dict(classes=32, mlp_units=400, mlp_layers=4, batch_size=16, seq_len=50, horizon=15, train_every=16,
-              entropy=1e-3, slow_critic_every=100)  # DreamerV2's Atari settings; v1 keeps them too
+              entropy=1e-3, slow_critic_every=100, slow_critic_fraction=1.0, free_nats_per_step=False, unimix=0.0,
+              cont_scale=5.0, model_grad_clip=100.0, model_eps=1e-5, weight_decay=1e-6)  # DreamerV2's Atari settings
 PRESETS = {
     "v2": dict(SHARED, wm_objective="decoder", discrete_latents=True, kl_balance=0.8, kl_scale=0.1, free_nats=0.0,
                deter_size=600, hidden_size=600, stoch_size=32, cnn_depth=48, lr_model=2e-4, lr_actor=4e-5,
@@ -209,6 +226,14 @@ PRESETS = {
                lr_critic=8e-5, gamma=0.99),
 }
 PRESETS["decoder-free"] = dict(PRESETS["v2"], wm_objective="barlow")
+# DreamerV3 as in its released configs of early 2023 (size `small`: deter 512, units 512, depth 32, 2 layers). Its
+# KL, 0.5 KL[sg(q) || p] + 0.1 KL[q || sg(p)], is scale 0.6 with balance 5/6 here.
+PRESETS["v3"] = dict(wm_objective="decoder", discrete_latents=True, kl_balance=5 / 6, kl_scale=0.6, free_nats=1.0,
+                     free_nats_per_step=True, unimix=0.01, deter_size=512, hidden_size=512, stoch_size=32, classes=32,
+                     cnn_depth=32, mlp_units=512, mlp_layers=2, batch_size=16, seq_len=64, horizon=15, train_every=16,
+                     lr_model=1e-4, lr_actor=3e-5, lr_critic=3e-5, model_eps=1e-8, model_grad_clip=1000.0,
+                     weight_decay=0.0, gamma=1 - 1 / 333, entropy=3e-4, slow_critic_every=1,
+                     slow_critic_fraction=0.02, cont_scale=1.0)
 PROTOCOLS = {
     "dreamerv2": dict(sticky_actions=0.25, total_steps=1_000_000, eval_episodes=10),
     "atari100k": dict(sticky_actions=0.0, total_steps=100_000, train_ratio=256.0, eval_episodes=100),
@@ -216,11 +241,15 @@ PROTOCOLS = {
 SIZES = {
     "preset": {},
     "small": dict(cnn_depth=8, deter_size=64, hidden_size=64, stoch_size=8, classes=8, mlp_units=64, mlp_layers=2,
-                  batch_size=16, seq_len=16, horizon=8, train_every=4, lr_model=1e-3, lr_actor=1e-3, lr_critic=3e-4,
-                  entropy=1e-2, slow_critic_every=20),
+                  batch_size=16, seq_len=16, horizon=8, train_every=4),
     "tiny": dict(cnn_depth=4, deter_size=32, hidden_size=32, stoch_size=4, classes=4, mlp_units=32, mlp_layers=1,
                  batch_size=4, seq_len=8, horizon=5, train_every=8),
 }
+# What the small size also needs to learn within tens of thousands of steps (measured on Catch, Cue and Reach;
+# v3 on Catch: with its own rates, 1e-4 / 3e-5 / 3e-5 and entropy 3e-4, it stayed at random for 8,000 steps). v3
+# keeps its slow critic, a moving average updated every step.
+SIZE_RATES = {("small", "v2"): dict(lr_model=1e-3, lr_actor=1e-3, lr_critic=3e-4, entropy=1e-2, slow_critic_every=20),
+              ("small", "v3"): dict(lr_model=1e-3, lr_actor=1e-3, lr_critic=3e-4, entropy=1e-2)}
 
 
 def apply_preset(args: Args) -> Args:
@@ -231,7 +260,8 @@ def apply_preset(args: Args) -> Args:
     for flag, (table, name) in choices.items():
         if name not in table:
             fail(flag, f"'{name}' is not a {flag[2:]}; choose one of {', '.join(table)}")
-    fill = PROTOCOLS[args.protocol] | PRESETS[args.preset] | SIZES[args.size]
+    rates = SIZE_RATES.get((args.size, "v3" if args.preset == "v3" else "v2"), {})
+    fill = PROTOCOLS[args.protocol] | PRESETS[args.preset] | SIZES[args.size] | rates
     fill = {k: v for k, v in fill.items() if getattr(args, k) is None}
     if args.train_every is not None or args.train_ratio is not None or "train_ratio" in fill:
         fill.pop("train_every", None)
@@ -292,16 +322,17 @@ def validate(args: Args) -> Args:
     args = apply_preset(args)
     positive = ["total_steps", "num_envs", "deter_size", "hidden_size", "stoch_size", "classes", "cnn_depth",
                 "mlp_units", "mlp_layers", "batch_size", "seq_len", "horizon", "buffer_size", "slow_critic_every",
-                "lr_model", "lr_actor", "lr_critic", "log_seconds", "max_episode_frames", "keep_checkpoints"]
+                "lr_model", "lr_actor", "lr_critic", "log_seconds", "max_episode_frames", "keep_checkpoints",
+                "model_grad_clip", "model_eps", "grad_clip"]
     positive += ["train_every" if args.train_every is not None else "train_ratio"]
     for name in positive:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be positive (got {getattr(args, name)})")
     for name in ["prefill", "eval_episodes", "eval_every", "bt_lambda", "bt_scale", "noop_max", "free_nats",
-                 "entropy", "recency", "weight_decay", "kl_scale"]:
+                 "entropy", "recency", "weight_decay", "kl_scale", "cont_scale"]:
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be >= 0 (got {getattr(args, name)})")
-    for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda"]:
+    for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda", "unimix", "slow_critic_fraction"]:
         if not 0 <= getattr(args, name) <= 1:
             fail("--" + name.replace("_", "-"), f"must be in [0, 1] (got {getattr(args, name)})")
     for flag, value in [("--eval-gif", args.eval_gif), ("--eval-every", args.eval_every)]:
@@ -485,23 +516,41 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------------------------------
 # Networks
 # ----------------------------------------------------------------------------------------------------------------
-def mlp(inp: int, out: int, units: int, layers: int) -> nn.Sequential:
-    """`layers` hidden ELU layers of `units`, then a linear output (DreamerV2's heads)."""
+def block(norm: bool, size: int, channels: bool = False) -> list[nn.Module]:
+    """What follows each hidden layer: ELU (DreamerV2), or LayerNorm then SiLU (DreamerV3, Sec. 'Architecture'),
+    the norm over the channels of each pixel in conv stacks."""
+    return [ChannelNorm(size) if channels else nn.LayerNorm(size), nn.SiLU()] if norm else [nn.ELU()]
+
+
+class ChannelNorm(nn.LayerNorm):
+    """LayerNorm over the channels of each pixel of an (N, C, H, W) map."""
+
+    def forward(self, x):
+        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+def mlp(inp: int, out: int, units: int, layers: int, norm: bool = False, zero_out: bool = False) -> nn.Sequential:
+    """`layers` hidden layers of `units`, each followed by `block`, then a linear output (DreamerV2's heads);
+    zero_out starts the output layer at zero (DreamerV3's reward and critic: they predict 0 before training)."""
     mods, size = [], inp
     for _ in range(layers):
-        mods += [nn.Linear(size, units), nn.ELU()]
+        mods += [nn.Linear(size, units), *block(norm, units)]
         size = units
-    return nn.Sequential(*mods, nn.Linear(size, out))
+    out = nn.Linear(size, out)
+    if zero_out:
+        nn.init.zeros_(out.weight), nn.init.zeros_(out.bias)
+    return nn.Sequential(*mods, out)
 
 
 class ConvEncoder(nn.Module):
-    """4 convs, kernel 4, stride 2, depth d-2d-4d-8d, ELU: 64x64 -> 8d x 2 x 2 embedding (DreamerV2)."""
+    """4 convs, kernel 4, stride 2, depth d-2d-4d-8d, each followed by `block`: 64x64 -> 8d x 2 x 2 embedding
+    (DreamerV2's geometry, also under v3; DreamerV3 pads to stop at 4 x 4)."""
 
-    def __init__(self, channels: int, depth: int):
+    def __init__(self, channels: int, depth: int, norm: bool = False):
         super().__init__()
         mods, size = [], channels
         for i in range(4):
-            mods += [nn.Conv2d(size, depth * 2**i, 4, 2), nn.ELU()]
+            mods += [nn.Conv2d(size, depth * 2**i, 4, 2), *block(norm, depth * 2**i, channels=True)]
             size = depth * 2**i
         self.net = nn.Sequential(*mods, nn.Flatten())
         self.out_dim = depth * 8 * 2 * 2
@@ -519,15 +568,16 @@ class ConvEncoder(nn.Module):
 
 
 class ConvDecoder(nn.Module):
-    """Mirror of the encoder: linear to 32d x 1 x 1, transposed convs with kernels 5, 5, 6, 6 -> 64x64 mean image."""
+    """Mirror of the encoder: linear to 32d x 1 x 1, transposed convs with kernels 5, 5, 6, 6 (each but the last
+    followed by `block`) -> 64x64 mean image."""
 
-    def __init__(self, feat_dim: int, channels: int, depth: int):
+    def __init__(self, feat_dim: int, channels: int, depth: int, norm: bool = False):
         super().__init__()
         self.linear = nn.Linear(feat_dim, 32 * depth)
         self.net = nn.Sequential(
-            nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), nn.ELU(),
-            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), nn.ELU(),
-            nn.ConvTranspose2d(2 * depth, depth, 6, 2), nn.ELU(),
+            nn.ConvTranspose2d(32 * depth, 4 * depth, 5, 2), *block(norm, 4 * depth, channels=True),
+            nn.ConvTranspose2d(4 * depth, 2 * depth, 5, 2), *block(norm, 2 * depth, channels=True),
+            nn.ConvTranspose2d(2 * depth, depth, 6, 2), *block(norm, depth, channels=True),
             nn.ConvTranspose2d(depth, channels, 6, 2))
 
     def forward(self, feat):
@@ -555,8 +605,14 @@ def sample_categorical(probs: torch.Tensor) -> torch.Tensor:
     return (probs.cumsum(-1) <= u).sum(-1).clamp(max=probs.shape[-1] - 1)
 
 
+def mix_uniform(probs: torch.Tensor, share: float) -> torch.Tensor:
+    """(1 - share) * probs + share / K (DreamerV3 Sec. 'World model learning', unimix): no class is ever
+    impossible, so KL terms and log-probabilities stay bounded. share = 0 returns probs unchanged."""
+    return (1 - share) * probs + share / probs.shape[-1] if share else probs
+
+
 class LayerNormGRUCell(nn.Module):
-    """GRU cell with LayerNorm on the gates and update bias -1, as in DreamerV2's RSSM."""
+    """GRU cell with LayerNorm on the gates and update bias -1, as in DreamerV2's RSSM (and DreamerV3's code)."""
 
     def __init__(self, inp: int, size: int):
         super().__init__()
@@ -576,15 +632,16 @@ class RSSM(nn.Module):
     """Recurrent state-space model (DreamerV2 Eq. 1): h_t = f(h_{t-1}, z_{t-1}, a_{t-1}), prior p(z_t | h_t),
     posterior q(z_t | h_t, x_t). Distributions are passed around as their raw network outputs ("stats")."""
 
-    def __init__(self, action_dim, embed_dim, deter, hidden, stoch, classes, discrete):
+    def __init__(self, action_dim, embed_dim, deter, hidden, stoch, classes, discrete, norm=False, unimix=0.0):
         super().__init__()
-        self.discrete, self.stoch, self.classes, self.deter = discrete, stoch, classes, deter
+        self.discrete, self.stoch, self.classes, self.deter, self.unimix = discrete, stoch, classes, deter, unimix
         self.stoch_dim = stoch * classes if discrete else stoch
         stats_dim = stoch * classes if discrete else 2 * stoch
-        self.img_in = nn.Sequential(nn.Linear(self.stoch_dim + action_dim, hidden), nn.ELU())
+        self.img_in = nn.Sequential(nn.Linear(self.stoch_dim + action_dim, hidden), *block(norm, hidden))
         self.gru = LayerNormGRUCell(hidden, deter)
-        self.prior_net = nn.Sequential(nn.Linear(deter, hidden), nn.ELU(), nn.Linear(hidden, stats_dim))
-        self.post_net = nn.Sequential(nn.Linear(deter + embed_dim, hidden), nn.ELU(), nn.Linear(hidden, stats_dim))
+        self.prior_net = nn.Sequential(nn.Linear(deter, hidden), *block(norm, hidden), nn.Linear(hidden, stats_dim))
+        self.post_net = nn.Sequential(nn.Linear(deter + embed_dim, hidden), *block(norm, hidden),
+                                      nn.Linear(hidden, stats_dim))
 
     @property
     def feat_dim(self) -> int:
@@ -603,18 +660,23 @@ class RSSM(nn.Module):
         a Gaussian with std = softplus(x) + 0.1 (DreamerV1)."""
         stats = stats.float()
         if self.discrete:
-            probs = stats.unflatten(-1, (self.stoch, self.classes)).softmax(-1)
+            probs = mix_uniform(stats.unflatten(-1, (self.stoch, self.classes)).softmax(-1), self.unimix)
             onehot = F.one_hot(sample_categorical(probs), self.classes).to(probs.dtype)
             return (onehot + probs - probs.detach()).flatten(-2)
         mean, std = stats.chunk(2, -1)
         return mean + (F.softplus(std) + 0.1) * torch.randn_like(mean)
 
+    def log_probs(self, stats):
+        """Log-probabilities (..., stoch, classes) of the categorical latents, with the uniform mix."""
+        logp = stats.unflatten(-1, (self.stoch, self.classes)).log_softmax(-1)
+        return mix_uniform(logp.exp(), self.unimix).log() if self.unimix else logp
+
     def kl(self, q, p):
         """KL[q || p] summed over the latent variables, one value per batch element."""
         q, p = q.float(), p.float()
         if self.discrete:
-            lq = q.unflatten(-1, (self.stoch, self.classes)).log_softmax(-1)
-            lp = p.unflatten(-1, (self.stoch, self.classes)).log_softmax(-1)
+            lq = self.log_probs(q)
+            lp = self.log_probs(p)
             return (lq.exp() * (lq - lp)).sum((-2, -1))
         (mq, sq), (mp, sp) = q.chunk(2, -1), p.chunk(2, -1)
         sq, sp = F.softplus(sq) + 0.1, F.softplus(sp) + 0.1
@@ -623,7 +685,7 @@ class RSSM(nn.Module):
     def entropy(self, stats):
         stats = stats.float()
         if self.discrete:
-            logp = stats.unflatten(-1, (self.stoch, self.classes)).log_softmax(-1)
+            logp = self.log_probs(stats)
             return -(logp.exp() * logp).sum((-2, -1))
         std = F.softplus(stats.chunk(2, -1)[1]) + 0.1
         return (0.5 * np.log(2 * np.pi * np.e) + torch.log(std)).sum(-1)
@@ -667,15 +729,19 @@ class RSSM(nn.Module):
         return hs, torch.stack(zs, 1), self.prior_net(hs), torch.stack(posts, 1), (h, z)
 
 
-def kl_loss(rssm: RSSM, post, prior, alpha: float, free_nats: float):
+def kl_loss(rssm: RSSM, post, prior, alpha: float, free_nats: float, per_step: bool = False):
     """KL balancing (DreamerV2 Eq. 2 / Alg. 2): alpha * KL[sg(q) || p] + (1 - alpha) * KL[q || sg(p)], free nats on
-    each term after averaging; alpha = 0 gives plain KL[q || p]. Returns (loss, mean KL value)."""
-    value = rssm.kl(post, prior).mean()
+    each term after averaging; alpha = 0 gives plain KL[q || p]. per_step clips each step's KL before averaging
+    (DreamerV3's free bits: max(1, KL) on its dynamics and representation losses). Returns (loss, mean KL value)."""
+    def free(kl):
+        return kl.clamp(min=free_nats).mean() if per_step else kl.mean().clamp(min=free_nats)
+
+    value = rssm.kl(post, prior)
     if alpha == 0:
-        return value.clamp(min=free_nats), value
-    prior_term = rssm.kl(post.detach(), prior).mean().clamp(min=free_nats)  # trains the prior
-    post_term = rssm.kl(post, prior.detach()).mean().clamp(min=free_nats)  # regularizes the posterior
-    return alpha * prior_term + (1 - alpha) * post_term, value
+        return free(value), value.mean()
+    prior_term = free(rssm.kl(post.detach(), prior))  # trains the prior (V3: dynamics loss)
+    post_term = free(rssm.kl(post, prior.detach()))  # regularizes the posterior (V3: representation loss)
+    return alpha * prior_term + (1 - alpha) * post_term, value.mean()
 
 
 def barlow_twins(a: torch.Tensor, b: torch.Tensor, lam: float, eps: float = 1e-5):
@@ -699,12 +765,54 @@ def image_nll(recon: torch.Tensor, obs: torch.Tensor) -> torch.Tensor:
     return 0.5 * (recon.float() - obs).pow(2).sum((-3, -2, -1)).mean()
 
 
-def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """Adam, eps 1e-5, with DreamerV2's decoupled decay `w <- (1 - wd) w` on weight matrices only."""
+def symlog(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) log(1 + |x|) (DreamerV3 Sec. 'Robust predictions'): compresses large values, keeps small ones."""
+    return torch.sign(x) * torch.log1p(x.abs())
+
+
+def symexp(x: torch.Tensor) -> torch.Tensor:
+    """sign(x) (exp(|x|) - 1), the inverse of symlog."""
+    return torch.sign(x) * torch.expm1(x.abs())
+
+
+TWOHOT_BINS = 255  # DreamerV3: 255 bins, equally spaced in symlog space over [-20, 20]
+
+
+def twohot_bins(device) -> torch.Tensor:
+    """The bins, mirrored around an exact 0 (a plain linspace puts its middle bin at 7e-8 in float32)."""
+    half = torch.linspace(0.0, 20.0, TWOHOT_BINS // 2 + 1, device=device)
+    return torch.cat([-half.flip(0)[:-1], half])
+
+
+def twohot(x: torch.Tensor, bins: torch.Tensor) -> torch.Tensor:
+    """Two-hot encoding (DreamerV3 Sec. 'Robust predictions'): the weight of x (...,) goes to its two neighbouring
+    bins in proportion to closeness, so the encoding's mean is x; values beyond the ends go to the end bin."""
+    below = (torch.bucketize(x, bins, right=True) - 1).clamp(0, len(bins) - 1)
+    above = (below + 1).clamp(max=len(bins) - 1)
+    span = bins[above] - bins[below]
+    w_above = torch.where(span > 0, (x - bins[below]) / span.clamp(min=1e-8), 0.0).clamp(0, 1)
+    target = torch.zeros(*x.shape, len(bins), device=x.device, dtype=x.dtype)
+    target.scatter_(-1, below[..., None], (1 - w_above)[..., None])
+    return target.scatter_add_(-1, above[..., None], w_above[..., None])
+
+
+def twohot_nll(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """-log p(x) of a two-hot head: cross-entropy between its softmax and twohot(symlog(x)), per element."""
+    bins = twohot_bins(logits.device)
+    return -(twohot(symlog(x.float()), bins) * logits.float().log_softmax(-1)).sum(-1)
+
+
+def twohot_mean(logits: torch.Tensor) -> torch.Tensor:
+    """A two-hot head's prediction: symexp of the expected bin (DreamerV3 code of 2023)."""
+    return symexp((logits.float().softmax(-1) * twohot_bins(logits.device)).sum(-1))
+
+
+def make_optimizer(params, lr: float, weight_decay: float, eps: float = 1e-5) -> torch.optim.Optimizer:
+    """Adam with DreamerV2's decoupled decay `w <- (1 - wd) w` on weight matrices only."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([dict(params=decay), dict(params=rest)], eps=1e-5)
+    opt = torch.optim.AdamW([dict(params=decay), dict(params=rest)], eps=eps)
     set_optimizer_values(opt, lr, weight_decay)
     return opt
 
@@ -713,7 +821,7 @@ def set_optimizer_values(opt: torch.optim.Optimizer, lr: float, weight_decay: fl
     """Learning rate and decay of an optimizer from `make_optimizer` (also after its state was restored). AdamW
     multiplies its decay by the learning rate, so the decay group gets wd / lr: `w <- (1 - wd) w` per step."""
     decay, rest = opt.param_groups
-    decay.update(lr=lr, weight_decay=weight_decay / lr)
+    decay.update(lr=lr, weight_decay=weight_decay / lr)  # wd 0 (v3): plain Adam
     rest.update(lr=lr, weight_decay=0.0)
 
 
@@ -747,23 +855,30 @@ class WorldModel(nn.Module):
 
     def __init__(self, args: Args, obs_shape, action_dim: int):
         super().__init__()
-        self.args, self.action_dim = args, action_dim
-        self.encoder = ConvEncoder(obs_shape[0], args.cnn_depth)
+        self.args, self.action_dim, self.v3 = args, action_dim, args.preset == "v3"
+        self.encoder = ConvEncoder(obs_shape[0], args.cnn_depth, norm=self.v3)
         self.rssm = RSSM(action_dim, self.encoder.out_dim, args.deter_size, args.hidden_size, args.stoch_size,
-                         args.classes, args.discrete_latents)
+                         args.classes, args.discrete_latents, norm=self.v3, unimix=args.unimix)
         feat = self.rssm.feat_dim
         if args.wm_objective == "decoder":
-            self.decoder, self.bt_proj = ConvDecoder(feat, obs_shape[0], args.cnn_depth), None
+            self.decoder, self.bt_proj = ConvDecoder(feat, obs_shape[0], args.cnn_depth, norm=self.v3), None
         else:  # no decoder parameters, no decoder compute: a linear projection of latent features instead
             cells = obs_shape[0] * (obs_shape[1] // CELL) * (obs_shape[2] // CELL)
             self.decoder, self.bt_proj = None, nn.Linear(feat, cells)
-        self.reward_head = mlp(feat, 1, args.mlp_units, args.mlp_layers)
-        self.cont_head = mlp(feat, 1, args.mlp_units, args.mlp_layers)
-        self.opt = make_optimizer(self.parameters(), args.lr_model, args.weight_decay)
+        self.reward_head = mlp(feat, TWOHOT_BINS if self.v3 else 1, args.mlp_units, args.mlp_layers, self.v3, self.v3)
+        self.cont_head = mlp(feat, 1, args.mlp_units, args.mlp_layers, self.v3)
+        self.opt = make_optimizer(self.parameters(), args.lr_model, args.weight_decay, args.model_eps)
+
+    def predict_reward(self, feat):
+        """The reward head's prediction: v2 regresses tanh(reward), v3 decodes its two-hot over symlog bins."""
+        return twohot_mean(self.reward_head(feat)) if self.v3 else self.reward_head(feat).squeeze(-1).float()
 
     def loss(self, batch: dict[str, torch.Tensor], state):
-        """Image log-likelihood (or the scaled Barlow Twins loss), reward log-likelihood (unit Gaussian), continue
-        Bernoulli on gamma * (1 - terminated) with scale 5, and the balanced KL. Returns (loss, h, z, last, metrics)."""
+        """Image log-likelihood (or the scaled Barlow Twins loss), reward log-likelihood, continue Bernoulli with
+        scale --cont-scale, and the balanced KL. Returns (loss, h, z, last, metrics).
+        v1/v2: unit-Gaussian reward on tanh(reward), continue target gamma * (1 - terminated).
+        v3 (DreamerV3 Sec. 'World model learning'): two-hot reward on the raw reward, continue target 1 - terminated
+        (the discount is applied in imagination)."""
         args = self.args
         obs = preprocess(batch["obs"])
         embed = self.encoder(obs.flatten(0, 1)).unflatten(0, obs.shape[:2])
@@ -771,11 +886,15 @@ class WorldModel(nn.Module):
         h, z, prior, post, last = self.rssm.observe(embed, action, batch["is_first"], state)
         feat = self.rssm.feat(h, z)
         representation, metrics = self.representation_loss(obs, feat)
-        reward = 0.5 * (self.reward_head(feat).squeeze(-1).float() - torch.tanh(batch["reward"])).pow(2).mean()
-        cont_target = args.gamma * (1.0 - batch["terminated"].float())
+        if self.v3:
+            reward = twohot_nll(self.reward_head(feat), batch["reward"]).mean()
+            cont_target = 1.0 - batch["terminated"].float()
+        else:
+            reward = 0.5 * (self.predict_reward(feat) - torch.tanh(batch["reward"])).pow(2).mean()
+            cont_target = args.gamma * (1.0 - batch["terminated"].float())
         cont = F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1).float(), cont_target)
-        kl, kl_value = kl_loss(self.rssm, post, prior, args.kl_balance, args.free_nats)
-        loss = representation + reward + 5.0 * cont + args.kl_scale * kl
+        kl, kl_value = kl_loss(self.rssm, post, prior, args.kl_balance, args.free_nats, args.free_nats_per_step)
+        loss = representation + reward + args.cont_scale * cont + args.kl_scale * kl
         metrics.update({"losses/world_model": loss, "losses/reward": reward, "losses/continue": cont,
                         "losses/kl": kl, "world/kl": kl_value, "world/prior_entropy": self.rssm.entropy(prior).mean(),
                         "world/post_entropy": self.rssm.entropy(post).mean()})
@@ -787,7 +906,7 @@ class WorldModel(nn.Module):
         with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=amp):
             loss, h, z, last, metrics = self.loss(batch, state)
         check_finite("world-model", loss)
-        metrics["world/grad_norm"] = optimize(self.opt, loss, self.args.grad_clip)
+        metrics["world/grad_norm"] = optimize(self.opt, loss, self.args.model_grad_clip)
         return h, z, (last[0].detach().float(), last[1].detach().float()), metrics
 
     @torch.no_grad()
@@ -815,7 +934,7 @@ class WorldModel(nn.Module):
         carry under 5% of the target's variance, and it did not learn (README)."""
         if self.decoder is not None:
             recon = self.decoder(feat.flatten(0, 1)).unflatten(0, obs.shape[:2])
-            image = image_nll(recon, obs)
+            image = image_nll(recon, obs) * (2.0 if self.v3 else 1.0)  # V3's code: squared error, no 1/2
             return image, {"losses/image": image, "images/reconstruction": (obs[0], recon[0].detach().float())}
         a, b = self.bt_proj(feat.flatten(0, 1)), F.avg_pool2d(obs.flatten(0, 1), CELL).flatten(1)
         barlow, invariance, redundancy = barlow_twins(a, b, self.args.bt_lambda)
@@ -838,17 +957,28 @@ def lambda_return(reward, cont, value, lam: float):
 
 
 class ActorCritic(nn.Module):
-    """Categorical actor and critic trained on imagined rollouts of the world model (DreamerV2 Eq. 5-8)."""
+    """Categorical actor and critic trained on imagined rollouts of the world model (DreamerV2 Eq. 5-8; v3:
+    DreamerV3 Sec. 'Actor critic learning', a two-hot critic and percentile return normalization)."""
 
     def __init__(self, args: Args, feat_dim: int, action_dim: int):
         super().__init__()
-        self.args = args
-        self.actor = mlp(feat_dim, action_dim, args.mlp_units, args.mlp_layers)
-        self.critic = mlp(feat_dim, 1, args.mlp_units, args.mlp_layers)
+        self.args, self.v3 = args, args.preset == "v3"
+        self.actor = mlp(feat_dim, action_dim, args.mlp_units, args.mlp_layers, self.v3)
+        self.critic = mlp(feat_dim, TWOHOT_BINS if self.v3 else 1, args.mlp_units, args.mlp_layers, self.v3, self.v3)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
+        if self.v3:  # the EMAs of the returns' 5th and 95th percentiles, saved with the weights
+            self.register_buffer("return_range", torch.zeros(2))
         self.actor_opt = make_optimizer(self.actor.parameters(), args.lr_actor, args.weight_decay)
         self.critic_opt = make_optimizer(self.critic.parameters(), args.lr_critic, args.weight_decay)
         self.updates = 0
+
+    def policy(self, logits):
+        """Action probabilities from the actor's logits, with the uniform mix (v3: 1%)."""
+        return mix_uniform(logits.float().softmax(-1), self.args.unimix)
+
+    def value(self, critic: nn.Module, feats):
+        """A critic's value of the features (v3 decodes its two-hot)."""
+        return twohot_mean(critic(feats)) if self.v3 else critic(feats).squeeze(-1).float()
 
     def imagine(self, wm: WorldModel, h, z):
         """Roll the prior H steps from each start with actions from the actor on sg(features). Returns features
@@ -859,7 +989,7 @@ class ActorCritic(nn.Module):
         for _ in range(self.args.horizon):
             with torch.enable_grad():
                 logits.append(self.actor(feats[-1].detach()).float())
-            probs = logits[-1].detach().softmax(-1)
+            probs = self.policy(logits[-1].detach())
             action = F.one_hot(sample_categorical(probs), probs.shape[-1]).to(probs.dtype)
             if self.args.actor_grad == "dynamics":
                 action = action + probs - probs.detach()
@@ -870,41 +1000,83 @@ class ActorCritic(nn.Module):
             logits = torch.stack(logits)
         return torch.stack(feats), torch.stack(actions), logits
 
-    def imagined_returns(self, wm: WorldModel, h, z, terminated):
-        """Imagine from the states (h, z), predict rewards and continues, and form the lambda-returns against the
-        slow critic. Returns feats, actions, logits, reward, cont, slow_value (H + 1 entries) and returns
-        R_0 .. R_{H-1}."""
+    def imagined_returns(self, wm: WorldModel, h, z, terminated) -> dict[str, torch.Tensor]:
+        """Imagine from the states (h, z), predict rewards and continues, and form the lambda-returns. Returns feats
+        (H + 1, N, F), actions and logits (H, N, A), reward, cont, value (the critic that bootstraps) and weight
+        (H + 1, N), and returns R_0 .. R_{H-1} (H, N). The first continue is the true one from replay.
+        v1/v2 (DreamerV2 Eq. 4-5): r_t = r(z_t), c_t = gamma * P(continue | z_t), the slow critic bootstraps,
+        w_t = prod_{k<t} c_k.
+        v3 (DreamerV3's code): the step from z_t earns r(z_{t+1}) and is discounted by gamma times the continue
+        head's mode at z_{t+1}; the critic itself bootstraps (its slow copy only regularizes it);
+        w_t = prod_{k<=t} gamma c_k / gamma."""
         feats, actions, logits = self.imagine(wm, h, z)
-        reward = wm.reward_head(feats).squeeze(-1).float()
-        cont = torch.sigmoid(wm.cont_head(feats).squeeze(-1).float())
-        cont = torch.cat([self.args.gamma * (1.0 - terminated.float())[None], cont[1:]])  # true first continue
-        slow_value = self.slow_critic(feats).squeeze(-1).float()
-        returns = lambda_return(reward[:-1], cont[:-1], slow_value, self.args.return_lambda)
-        return feats, actions, logits, reward, cont, slow_value, returns
+        reward = wm.predict_reward(feats)
+        first = (1.0 - terminated.float())[None]
+        if self.v3:
+            cont = torch.cat([first, (wm.cont_head(feats[1:]).squeeze(-1) > 0).float()])
+            value = self.value(self.critic, feats)
+            discount = self.args.gamma * cont
+            returns = lambda_return(reward[1:], discount[1:], value, self.args.return_lambda)
+            weight = torch.cumprod(discount, 0) / self.args.gamma
+        else:
+            cont = torch.sigmoid(wm.cont_head(feats).squeeze(-1).float())
+            cont = torch.cat([self.args.gamma * first, cont[1:]])
+            value = self.value(self.slow_critic, feats)
+            returns = lambda_return(reward[:-1], cont[:-1], value, self.args.return_lambda)
+            weight = torch.cumprod(torch.cat([torch.ones_like(cont[:1]), cont[:-1]]), 0)
+        return dict(feats=feats, actions=actions, logits=logits, reward=reward, cont=cont, value=value,
+                    weight=weight.detach(), returns=returns)
+
+    def return_scale(self, returns):
+        """max(1, EMA(P95) - EMA(P5)) of the lambda-returns, EMA rate 0.01 (DreamerV3 Sec. 'Actor learning'):
+        large returns are scaled down, small ones never up. The EMAs start at 0 with no debiasing, as in its code."""
+        q = torch.tensor([0.05, 0.95], device=returns.device)
+        self.return_range.lerp_(torch.quantile(returns.detach().float().flatten(), q), 0.01)
+        return (self.return_range[1] - self.return_range[0]).clamp(min=1.0)
 
     def train_step(self, wm: WorldModel, h, z, terminated) -> dict[str, torch.Tensor]:
         """One actor and one critic update from every posterior state (h, z) of the batch (B*T starts)."""
         args = self.args
         wm.requires_grad_(False)
         with torch.set_grad_enabled(args.actor_grad == "dynamics"):
-            feats, actions, logits, reward, cont, slow_value, returns = self.imagined_returns(
-                wm, h.detach(), z.detach(), terminated)
+            im = self.imagined_returns(wm, h.detach(), z.detach(), terminated)
         wm.requires_grad_(True)
-        weight = torch.cumprod(torch.cat([torch.ones_like(cont[:1]), cont[:-1]]), 0).detach()  # w_t = prod_{k<t} c_k
-
-        # Shapes: feats (H+1, N, F), actions (H, N, A), returns (H, N) = R_0 .. R_{H-1}, slow_value and weight
-        # (H+1, N). Actor (DreamerV2 Eq. 6): log pi(a_{t+1} | z_t), where a_{t+1} is the action taken at z_t
-        # (actions[t]), for t = 0 .. H-2, the starts whose action has a return R_{t+1} after it.
-        logp = logits[:-1].log_softmax(-1)  # (H-1, N, A): z_0 .. z_{H-2}
-        entropy = -(logp.exp() * logp).sum(-1)  # (H-1, N)
-        if args.actor_grad == "reinforce":  # advantage R_{t+1} - v_slow(z_t), (H-1, N)
-            objective = (logp * actions[:-1].detach()).sum(-1) * (returns[1:] - slow_value[:-2]).detach()
+        feats, actions, logits = im["feats"], im["actions"], im["logits"]
+        returns, value, weight = im["returns"], im["value"], im["weight"]
+        metrics = {}
+        if self.v3:
+            # Shapes: feats (H+1, N, F), actions (H, N, A), returns (H, N) = R_0 .. R_{H-1}, value and weight
+            # (H+1, N). Actor: log pi(a_t | z_t) with the advantage (R_t - v(z_t)) / max(1, S), t = 0 .. H-1.
+            logp = self.policy(logits).log()  # (H, N, A)
+            entropy = -(logp.exp() * logp).sum(-1)  # (H, N)
+            scale = self.return_scale(returns)
+            advantage = (returns - value[:-1]) / scale  # (H, N)
+            if args.actor_grad == "reinforce":
+                objective = (logp * actions.detach()).sum(-1) * advantage.detach()
+            else:
+                objective = advantage
+            actor_loss = -(weight[:-1] * (objective + args.entropy * entropy)).mean()
+            # Critic (DreamerV3 Sec. 'Critic learning'): two-hot -log p(sg(R_t)) plus -log p(sg(v_slow(z_t))),
+            # the slow critic as a regularizer.
+            out = self.critic(feats[:-1].detach())  # (H, N, bins)
+            slow = self.value(self.slow_critic, feats[:-1].detach())
+            critic_loss = (weight[:-1] * (twohot_nll(out, returns.detach()) + twohot_nll(out, slow))).mean()
+            predicted = twohot_mean(out.detach())
+            metrics["critic/return_scale"] = scale
         else:
-            objective = returns[1:]  # (H-1, N)
-        actor_loss = -(weight[:-2] * (objective + args.entropy * entropy)).mean()
-        # Critic (DreamerV2 Eq. 8): regress v(z_t) on sg(R_t) for t = 0 .. H-1.
-        value = self.critic(feats[:-1].detach()).squeeze(-1).float()  # (H, N)
-        critic_loss = (weight[:-1] * 0.5 * (value - returns.detach()).pow(2)).mean()
+            # Shapes: feats (H+1, N, F), actions (H, N, A), returns (H, N) = R_0 .. R_{H-1}, value (the slow
+            # critic) and weight (H+1, N). Actor (DreamerV2 Eq. 6): log pi(a_{t+1} | z_t), where a_{t+1} is the
+            # action taken at z_t (actions[t]), for t = 0 .. H-2, the starts whose action has a return R_{t+1}.
+            logp = logits[:-1].log_softmax(-1)  # (H-1, N, A): z_0 .. z_{H-2}
+            entropy = -(logp.exp() * logp).sum(-1)  # (H-1, N)
+            if args.actor_grad == "reinforce":  # advantage R_{t+1} - v_slow(z_t), (H-1, N)
+                objective = (logp * actions[:-1].detach()).sum(-1) * (returns[1:] - value[:-2]).detach()
+            else:
+                objective = returns[1:]  # (H-1, N)
+            actor_loss = -(weight[:-2] * (objective + args.entropy * entropy)).mean()
+            # Critic (DreamerV2 Eq. 8): regress v(z_t) on sg(R_t) for t = 0 .. H-1.
+            predicted = self.critic(feats[:-1].detach()).squeeze(-1).float()  # (H, N)
+            critic_loss = (weight[:-1] * 0.5 * (predicted - returns.detach()).pow(2)).mean()
 
         check_finite("actor", actor_loss)
         check_finite("critic", critic_loss)
@@ -912,10 +1084,20 @@ class ActorCritic(nn.Module):
         critic_norm = optimize(self.critic_opt, critic_loss, args.grad_clip)
         self.updates += 1
         if self.updates % args.slow_critic_every == 0:
+            self.update_slow_critic()
+        return metrics | {
+            "losses/actor": actor_loss, "losses/critic": critic_loss, "actor/entropy": entropy.mean(),
+            "actor/grad_norm": actor_norm, "critic/grad_norm": critic_norm, "critic/value": predicted.mean(),
+            "critic/lambda_return": returns.mean(), "critic/imagined_reward": im["reward"].mean()}
+
+    @torch.no_grad()
+    def update_slow_critic(self):
+        """Copy the critic (--slow-critic-fraction 1, DreamerV2) or move towards it by that fraction (DreamerV3)."""
+        if self.args.slow_critic_fraction == 1:
             self.slow_critic.load_state_dict(self.critic.state_dict())
-        return {"losses/actor": actor_loss, "losses/critic": critic_loss, "actor/entropy": entropy.mean(),
-                "actor/grad_norm": actor_norm, "critic/grad_norm": critic_norm, "critic/value": value.mean(),
-                "critic/lambda_return": returns.mean(), "critic/imagined_reward": reward.mean()}
+        else:
+            for slow, fast in zip(self.slow_critic.parameters(), self.critic.parameters()):
+                slow.lerp_(fast, self.args.slow_critic_fraction)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -945,7 +1127,8 @@ class Dreamer(nn.Module):
         self.args, self.device, self.action_dim = args, device, action_dim
         self.wm = WorldModel(args, obs_shape, action_dim)
         self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim)
-        self.probe = ConvDecoder(self.wm.rssm.feat_dim, obs_shape[0], args.cnn_depth) if args.probe_decoder else None
+        self.probe = ConvDecoder(self.wm.rssm.feat_dim, obs_shape[0], args.cnn_depth, norm=self.wm.v3) \
+            if args.probe_decoder else None
         self.to(device)
         if self.probe is not None:
             self.probe_opt = make_optimizer(self.probe.parameters(), args.lr_model, args.weight_decay)
@@ -968,7 +1151,7 @@ class Dreamer(nn.Module):
             embed = self.wm.encoder(preprocess(obs_t))
             h, z, _, _ = self.wm.rssm.obs_step(h, z, prev_action, embed, first)
             logits = self.ac.actor(self.wm.rssm.feat(h, z)).float()
-        action = logits.argmax(-1) if greedy else sample_categorical(logits.softmax(-1))
+        action = logits.argmax(-1) if greedy else sample_categorical(self.ac.policy(logits))
         self.act_state = (h.float(), z.float(), F.one_hot(action, self.action_dim).float())
         return action.cpu().numpy()
 

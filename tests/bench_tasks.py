@@ -1,5 +1,5 @@
 """Benchmark (not a test): learning on the small pixel tasks (Catch, Reach, Cue), decoder and decoder-free world
-models, several seeds, as a table.
+models on v2 and v3, several seeds, as a table.
 
     python tests/bench_tasks.py --task reach --seeds 1 2 3 --variants decoder decoder-free --total-steps 24000
 
@@ -26,6 +26,8 @@ from tests.test_learning import CATCH_ARGS  # noqa: E402
 VARIANTS = {
     "decoder": dict(preset="v2"),
     "decoder-free": dict(preset="decoder-free"),
+    "v3": dict(preset="v3"),
+    "v3-barlow": dict(preset="v3", wm_objective="barlow"),
 }
 TASKS = {  # name -> (--env, random return, optimum)
     "catch": ("tests.catch:Catch-v0", catch.random_return(), 1.0),

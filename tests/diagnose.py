@@ -77,10 +77,10 @@ def main():
     h, z = torch.cat([e["h"] for e in episodes]), torch.cat([e["z"] for e in episodes])
     feat = torch.cat([z, h], -1)
     real = np.concatenate([real_returns(e["reward"], e["terminal"], args.gamma) for e in episodes])
-    predicted_reward = agent.wm.reward_head(feat).squeeze(-1).numpy()
+    predicted_reward = agent.wm.predict_reward(feat).numpy()
     cont = torch.sigmoid(agent.wm.cont_head(feat).squeeze(-1)).numpy()
-    value = agent.ac.critic(feat).squeeze(-1).numpy()
-    imagined = agent.ac.imagined_returns(agent.wm, h, z, torch.as_tensor(terminal))[-1][0].numpy()
+    value = agent.ac.value(agent.ac.critic, feat).numpy()
+    imagined = agent.ac.imagined_returns(agent.wm, h, z, torch.as_tensor(terminal))["returns"][0].numpy()
 
     returns = [e["reward"].sum() for e in episodes]
     print(f"{opts.checkpoint}: {len(episodes)} held-out episodes, {len(reward)} steps, sampled policy's return "

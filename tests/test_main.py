@@ -72,7 +72,7 @@ def test_seeded_cpu_runs_repeat(tiny_args):
     (dict(total_steps=50), "--total-steps"),
     (dict(deter_size=-5), "--deter-size"),
     (dict(batch_size=0), "--batch-size"),
-    (dict(preset="v3"), "--preset"),
+    (dict(preset="v4"), "--preset"),
     (dict(kl_balance=1.5), "--kl-balance"),
     (dict(prefill=4), "--prefill"),
 ])
@@ -92,7 +92,7 @@ def test_unknown_game_suggests_the_right_name(tiny_args, capsys):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--preset", "v3"], "v1"),
+    (["--preset", "v4"], "v1"),
     (["--env", "Foo"], "--env"),
     (["--batch-size", "-1"], "--batch-size"),
 ])
