@@ -112,3 +112,18 @@ def test_v3_trains_end_to_end_and_its_return_range_is_checkpointed(tiny_args, ob
     state = torch.load(f"runs/{run_name}/dreamer_atari.cleanrl_model", weights_only=True)
     assert state["args"]["preset"] == "v3" and state["args"]["free_nats_per_step"]
     assert state["agent"]["ac.return_range"].abs().sum() > 0  # the percentile EMAs moved and were saved
+
+
+def test_v3_preset_values_and_the_small_size_rates():
+    v3 = da.apply_preset(da.Args(preset="v3"))
+    assert (v3.deter_size, v3.mlp_units, v3.mlp_layers, v3.cnn_depth, v3.seq_len) == (512, 512, 2, 32, 64)
+    assert v3.kl_scale * v3.kl_balance == pytest.approx(0.5) and v3.kl_scale * (1 - v3.kl_balance) == pytest.approx(0.1)
+    assert (v3.free_nats, v3.free_nats_per_step, v3.unimix, v3.entropy) == (1.0, True, 0.01, 3e-4)
+    assert v3.gamma == pytest.approx(1 - 1 / 333) and (v3.slow_critic_every, v3.slow_critic_fraction) == (1, 0.02)
+    assert (v3.lr_model, v3.lr_actor, v3.lr_critic, v3.model_eps, v3.model_grad_clip) == (1e-4, 3e-5, 3e-5, 1e-8, 1e3)
+    small = da.apply_preset(da.Args(preset="v3", size="small", lr_actor=5e-4))
+    assert (small.deter_size, small.lr_model, small.lr_actor, small.entropy) == (64, 1e-3, 5e-4, 1e-2)
+    assert small.slow_critic_every == 1 and small.slow_critic_fraction == 0.02  # not v2's copy every 20
+    v2 = da.apply_preset(da.Args(preset="v2", size="small"))
+    assert (v2.slow_critic_every, v2.slow_critic_fraction, v2.unimix, v2.cont_scale) == (20, 1.0, 0.0, 5.0)
+    assert da.cli_defaults(["--preset", "v3"]).unimix == 0.01
