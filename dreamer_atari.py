@@ -812,17 +812,18 @@ def make_optimizer(params, lr: float, weight_decay: float, eps: float = 1e-5) ->
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([dict(params=decay), dict(params=rest)], eps=eps)
-    set_optimizer_values(opt, lr, weight_decay)
+    opt = torch.optim.AdamW([dict(params=decay), dict(params=rest)])
+    set_optimizer_values(opt, lr, weight_decay, eps)
     return opt
 
 
-def set_optimizer_values(opt: torch.optim.Optimizer, lr: float, weight_decay: float):
-    """Learning rate and decay of an optimizer from `make_optimizer` (also after its state was restored). AdamW
-    multiplies its decay by the learning rate, so the decay group gets wd / lr: `w <- (1 - wd) w` per step."""
+def set_optimizer_values(opt: torch.optim.Optimizer, lr: float, weight_decay: float, eps: float = 1e-5):
+    """Learning rate, decay and Adam epsilon of an optimizer from `make_optimizer` (also after its state was
+    restored). AdamW multiplies its decay by the learning rate, so the decay group gets wd / lr: `w <- (1 - wd) w`
+    per step."""
     decay, rest = opt.param_groups
-    decay.update(lr=lr, weight_decay=weight_decay / lr)  # wd 0 (v3): plain Adam
-    rest.update(lr=lr, weight_decay=0.0)
+    decay.update(lr=lr, weight_decay=weight_decay / lr, eps=eps)  # wd 0 (v3): plain Adam
+    rest.update(lr=lr, weight_decay=0.0, eps=eps)
 
 
 def optimize(opt: torch.optim.Optimizer, loss: torch.Tensor, clip: float) -> float:
@@ -1373,9 +1374,11 @@ def resume_from(args: Args, state: dict, agent: Dreamer, buffer: ReplayBuffer, e
     agent.ac.updates = counters["updates"]
     lrs = {"world_model": args.lr_model, "actor": args.lr_actor, "critic": args.lr_critic, "probe": args.lr_model}
     for name, opt in agent.optimizers().items():
-        set_optimizer_values(opt, lrs[name], args.weight_decay)
-    changed = [f"--{k.replace('_', '-')} {state['args'][k]} -> {getattr(args, k)}"
-               for k in ["lr_model", "lr_actor", "lr_critic", "weight_decay"] if state["args"][k] != getattr(args, k)]
+        set_optimizer_values(opt, lrs[name], args.weight_decay, args.model_eps if name == "world_model" else 1e-5)
+    saved = lambda k: state["args"].get(k, getattr(args, k))  # noqa: E731 (checkpoints before a flag existed)
+    changed = [f"--{k.replace('_', '-')} {saved(k)} -> {getattr(args, k)}"
+               for k in ["lr_model", "lr_actor", "lr_critic", "weight_decay", "model_eps"]
+               if saved(k) != getattr(args, k)]
     if changed:
         print(f"--resume: the optimizers take this command's values: {', '.join(changed)}", flush=True)
     if "random_states" in state:

@@ -173,12 +173,15 @@ def test_optimizer_flags_given_with_resume_apply_and_are_announced(tiny_args, ca
     run_name = da.main(tiny_args(save_model=True, eval_episodes=0, **SHORT))
     path = f"runs/{run_name}/dreamer_atari.cleanrl_model"
     capsys.readouterr()
-    da.main(tiny_args(resume=path, save_model=True, lr_actor=1e-3, weight_decay=0.0, eval_episodes=0,
-                      **{**SHORT, "total_steps": 260}))
-    assert "the optimizers take this command's values: --lr-actor 4e-05 -> 0.001, --weight-decay 1e-06 -> 0.0" \
-        in capsys.readouterr().out
+    da.main(tiny_args(resume=path, save_model=True, lr_actor=1e-3, weight_decay=0.0, model_eps=1e-8,
+                      eval_episodes=0, **{**SHORT, "total_steps": 260}))
+    assert "the optimizers take this command's values: --lr-actor 4e-05 -> 0.001, --weight-decay 1e-06 -> 0.0, " \
+        "--model-eps 1e-05 -> 1e-08" in capsys.readouterr().out
     groups = torch.load(path, weights_only=True)["optimizers"]["actor"]["param_groups"]
     assert [g["lr"] for g in groups] == [1e-3, 1e-3] and [g["weight_decay"] for g in groups] == [0.0, 0.0]
+    assert [g["eps"] for g in groups] == [1e-5, 1e-5]
+    model = torch.load(path, weights_only=True)["optimizers"]["world_model"]["param_groups"]
+    assert [g["eps"] for g in model] == [1e-8, 1e-8]
 
 
 def test_train_ratio_sets_the_cadence_and_excludes_train_every(tiny_args, capsys):
