@@ -58,6 +58,9 @@ class Args:
     """if toggled, sets `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
     """if toggled, use CUDA when it is available (otherwise the CPU)"""
+    threads: int = 0
+    """CPU threads for torch's operators; 0: half the cores this process may run on, at least 1 (with another
+    process busy on the CPU, more threads than free cores slowed small runs 2-3x, see README)"""
     track: bool = False
     """if toggled, log to Weights and Biases (mirrors TensorBoard; works offline with WANDB_MODE=offline)"""
     wandb_project_name: str = "dreamer_atari"
@@ -204,6 +207,9 @@ class Args:
     """where a TBPTT row restarts: 0 uniform over stored data; r > 0 gives density (1 + r) x^r in data age x"""
     amp: bool = True
     """bf16 autocast on CUDA GPUs that support it (losses stay float32); ignored on the CPU"""
+    compile: bool = False
+    """torch.compile the world-model loss over the sequence and the imagination rollout with its returns (the first
+    updates pay the compile time, see README); the random draws stay those of eager mode"""
     log_seconds: float = 5.0
     """seconds between console lines and TensorBoard rate/loss points"""
     eval_episodes: int = None  # type: ignore[assignment]
@@ -329,7 +335,7 @@ def validate(args: Args) -> Args:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be positive (got {getattr(args, name)})")
     for name in ["prefill", "eval_episodes", "eval_every", "bt_lambda", "bt_scale", "noop_max", "free_nats",
-                 "entropy", "recency", "weight_decay", "kl_scale", "cont_scale"]:
+                 "entropy", "recency", "weight_decay", "kl_scale", "cont_scale", "threads"]:
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be >= 0 (got {getattr(args, name)})")
     for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda", "unimix", "slow_critic_fraction"]:
@@ -1117,6 +1123,15 @@ def keep_freed_memory():
     libc.mallopt(-1, 2**31 - 1)  # M_TRIM_THRESHOLD
 
 
+def set_threads(threads: int) -> int:
+    """Set torch's intra-op thread count (0: half the usable cores, at least 1) and return it."""
+    if threads == 0:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        threads = max(1, cores // 2)
+    torch.set_num_threads(threads)
+    return threads
+
+
 class Dreamer(nn.Module):
     """World model + actor-critic. Keeps each env's posterior state for acting and each batch row's state for
     truncated BPTT."""
@@ -1134,6 +1149,11 @@ class Dreamer(nn.Module):
         if self.probe is not None:
             self.probe_opt = make_optimizer(self.probe.parameters(), args.lr_model, args.weight_decay)
         self.amp = args.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+        if args.compile:  # the same functions, traced once: fused kernels, no per-op overhead
+            import torch._inductor.config
+            torch._inductor.config.fallback_random = True  # eager's random stream, so runs match without it
+            self.wm.loss = torch.compile(self.wm.loss)
+            self.ac.imagined_returns = torch.compile(self.ac.imagined_returns)
         self.act_state = None  # (h, z, previous action) per env
         self.train_state = self.wm.rssm.initial(args.batch_size, device)  # last posterior of each batch row
         self.images = {}  # tag -> (real, reconstructed) frames of the last batch's first row
@@ -1601,6 +1621,7 @@ def main(args: Args):
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    threads = set_threads(args.threads)
 
     envs, frames_per_step = make_envs(args, args.seed)
     obs = to_chw(envs.reset(seed=args.seed)[0])
@@ -1612,8 +1633,8 @@ def main(args: Args):
     refill = state is not None and not resume_from(args, state, agent, buffer, envs, counters)
     run_name, path, writer, wandb_id = open_run(args, state)
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
-    print(f"run {run_name} on {device}: env {args.env} x{args.num_envs}, {action_dim} actions, preset {args.preset}, "
-          f"{params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps"
+    print(f"run {run_name} on {device} ({threads} CPU thread{'s' * (threads > 1)}): env {args.env} x{args.num_envs}, "
+          f"{action_dim} actions, preset {args.preset}, {params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps"
           + (f", resumed at step {counters['global_step']:,}" if state else ""), flush=True)
 
     n, global_step = args.num_envs, counters["global_step"]  # updates are counted by agent.ac.updates alone

@@ -75,6 +75,7 @@ def test_seeded_cpu_runs_repeat(tiny_args):
     (dict(preset="v4"), "--preset"),
     (dict(kl_balance=1.5), "--kl-balance"),
     (dict(prefill=4), "--prefill"),
+    (dict(threads=-1), "--threads"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_args, capsys, overrides, flag):
     with pytest.raises(SystemExit) as exit_info:
