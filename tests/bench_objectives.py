@@ -5,7 +5,7 @@ same process, as ratios.
 
 Builds one agent per objective on the same random batches and times `train_step` (world model + actor-critic)
 in interleaved rounds, so that machine noise hits every objective alike; reports the median per objective and its
-ratio to the decoder. For peak memory run `tests/bench_speed.py` once per objective (a fresh process each).
+ratio to the decoder. For peak memory run `tests/bench_speed.py --configs v2,decoder-free` (a fresh process each).
 """
 
 import os

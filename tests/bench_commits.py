@@ -1,0 +1,111 @@
+"""Benchmark (not a test): the update time of this working tree's dreamer_atari.py against an earlier commit's,
+side by side, as ratios.
+
+    python tests/bench_commits.py --against 32688c7 [--configs v2,tiny] [--rounds 2] [--updates 3] [--compile]
+
+For each round, configuration and version, a fresh process (one thread, on the cores this one may use) loads that
+version's file, builds an agent from seed 0 and times `train_step` on random (B, T) batches: one warm-up update,
+then the median of --updates. Versions alternate within a round, so that machine noise hits both alike.
+--compile adds a third version, the working tree with --compile (its first update, the compile time, is printed).
+Configurations use only flags that every version has: v2 (the preset's sizes) and tiny (the test sizes, spelled
+out). The versions must take `Dreamer(args, obs_shape, action_dim, device)` and `train_step(batch)`.
+"""
+
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = {"v2": dict(preset="v2"), "v1": dict(preset="v1"),
+           "tiny": dict(preset="v2", cnn_depth=4, deter_size=32, hidden_size=32, stoch_size=4, classes=4,
+                        mlp_units=32, mlp_layers=1, batch_size=4, seq_len=8, horizon=5)}
+
+
+def pop_option(argv: list[str], name: str, default: str) -> tuple[str, list[str]]:
+    if name not in argv:
+        return default, argv
+    i = argv.index(name)
+    return argv[i + 1], argv[:i] + argv[i + 2:]
+
+
+def time_version(path: str, config: str, updates: int, compile: bool) -> dict:
+    """In this process: load the file at `path`, time its update. Returns seconds per update and the first's."""
+    torch.set_num_threads(1)
+    sys.path.insert(0, os.path.dirname(path))
+    spec = importlib.util.spec_from_file_location("version", path)
+    da = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(da)
+    args = da.apply_preset(da.Args(**CONFIGS[config], **(dict(compile=True) if compile else {})))
+    rng = np.random.default_rng(0)
+    B, T = args.batch_size, args.seq_len
+    batches = [dict(obs=rng.integers(0, 255, (B, T, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 6, (B, T)),
+                    reward=rng.normal(size=(B, T)).astype(np.float32), terminated=np.zeros((B, T), bool),
+                    is_first=np.zeros((B, T), bool)) for _ in range(2)]
+    torch.manual_seed(0)
+    agent = da.Dreamer(args, (1, 64, 64), 6, torch.device("cpu"))
+    start = time.perf_counter()
+    agent.train_step(batches[0])
+    first = time.perf_counter() - start
+    times = []
+    for i in range(updates):
+        start = time.perf_counter()
+        agent.train_step(batches[i % 2])
+        times.append(time.perf_counter() - start)
+    return dict(seconds=statistics.median(times), first=first)
+
+
+def main(argv: list[str]):
+    if argv[:1] == ["--one"]:
+        path, config, updates, compile = argv[1:5]
+        print("RESULT " + json.dumps(time_version(path, config, int(updates), compile == "1")), flush=True)
+        return
+    against, argv = pop_option(argv, "--against", "")
+    configs, argv = pop_option(argv, "--configs", "v2,tiny")
+    rounds, argv = pop_option(argv, "--rounds", "2")
+    updates, argv = pop_option(argv, "--updates", "3")
+    compile = "--compile" in argv
+    if not against or [a for a in argv if a != "--compile"]:
+        sys.exit("usage: python tests/bench_commits.py --against REV [--configs v2,tiny] [--rounds 2] [--updates 3] "
+                 "[--compile]")
+    old = subprocess.run(["git", "-C", HERE, "show", f"{against}:dreamer_atari.py"], capture_output=True, text=True)
+    if old.returncode:
+        sys.exit(f"error: --against: {old.stderr.strip()}")
+    folder = tempfile.mkdtemp()
+    os.symlink(os.path.join(HERE, "tests"), os.path.join(folder, "tests"))
+    with open(os.path.join(folder, "dreamer_atari.py"), "w") as f:
+        f.write(old.stdout)
+    versions = {against: (os.path.join(folder, "dreamer_atari.py"), "0"),
+                "working tree": (os.path.join(HERE, "dreamer_atari.py"), "0")}
+    if compile:
+        versions["working tree --compile"] = (os.path.join(HERE, "dreamer_atari.py"), "1")
+    results = {(c, v): [] for c in configs.split(",") for v in versions}
+    for r in range(int(rounds)):
+        for config in configs.split(","):
+            for name, (path, comp) in versions.items():
+                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", path, config, updates, comp],
+                                     capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+                lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+                if out.returncode or not lines:
+                    sys.exit(f"error: {config} / {name} failed:\n{out.stderr[-2000:]}")
+                result = json.loads(lines[-1][len("RESULT "):])
+                results[config, name].append(result)
+                print(f"round {r + 1}: {config} / {name}: {result['seconds']:.4f} s per update, first update "
+                      f"{result['first']:.1f} s", flush=True)
+    print(f"one thread | {rounds} round(s) of {updates} updates | medians over rounds")
+    for config in configs.split(","):
+        base = statistics.median(x["seconds"] for x in results[config, against])
+        for name in versions:
+            sec = statistics.median(x["seconds"] for x in results[config, name])
+            print(f"{config:5s} {name:24s} {sec:9.4f} s per update | {base / sec:.2f}x the speed of {against}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
