@@ -95,8 +95,13 @@ class Args:
     """write a GIF of the first evaluation episode (the 64x64 frames the agent sees, enlarged 4x) to this path"""
 
     env: str = "SpaceInvaders"
-    """Atari game (`SpaceInvaders`, `Breakout`, `ALE/Pong-v5`, `ms_pacman`) or a gymnasium id with 64x64 image
+    """Atari game (`SpaceInvaders`, `Breakout`, `ALE/Pong-v5`, `ms_pacman`), a MinAtar game (`MinAtar/Breakout`,
+    Asterix, Freeway, Seaquest, SpaceInvaders; needs `pip install minatar`) or a gymnasium id with 64x64 image
     observations and discrete actions, registered or as `module:EnvId` (e.g. `tests.catch:Catch-v0`)"""
+    pomdp: bool = False
+    """MinAtar only: remove the channels that show motion, so that only memory recovers it: Breakout, Asterix and
+    Seaquest their trail channel, Freeway its five car-speed trails (speed and direction), SpaceInvaders its
+    alien_left and alien_right (the aliens' direction)"""
     protocol: Literal["dreamerv2", "atari100k"] = "dreamerv2"
     """dreamerv2: sticky actions 0.25, 1M policy steps, 10 final evaluation episodes; atari100k: the data-efficient
     benchmark of recent papers (sticky actions 0, 100,000 policy steps = 400,000 frames, train ratio 256 as in
@@ -106,11 +111,13 @@ class Args:
     num_envs: int = 1
     """number of parallel environments"""
     sticky_actions: float = None  # type: ignore[assignment]
-    """probability that the emulator repeats the previous action (0.25: DreamerV2/Machado protocol; 0: Atari-100k)"""
+    """probability that the emulator repeats the previous action (0.25: DreamerV2/Machado protocol; 0: Atari-100k;
+    MinAtar games default to MinAtar's 0.1)"""
     noop_max: int = 30
-    """maximum number of no-op actions at the start of each episode"""
+    """maximum number of no-op actions at the start of each episode (Atari)"""
     max_episode_frames: int = 108_000
-    """episode cap in emulator frames (27,000 policy steps); reaching it is a truncation, not a terminal"""
+    """episode cap in emulator frames (27,000 policy steps); reaching it is a truncation, not a terminal (Atari;
+    MinAtar and other gymnasium envs keep their own episode ends)"""
 
     preset: Literal["v1", "v2", "v3", "decoder-free"] = "v2"
     """v2: DreamerV2 (32x32 categorical latents, KL balancing); v1: DreamerV1 (Gaussian latents, free nats); v3:
@@ -267,7 +274,8 @@ def apply_preset(args: Args) -> Args:
         if name not in table:
             fail(flag, f"'{name}' is not a {flag[2:]}; choose one of {', '.join(table)}")
     rates = SIZE_RATES.get((args.size, "v3" if args.preset == "v3" else "v2"), {})
-    fill = PROTOCOLS[args.protocol] | PRESETS[args.preset] | SIZES[args.size] | rates
+    protocol = PROTOCOLS[args.protocol] | (dict(sticky_actions=MINATAR_STICKY) if is_minatar(args.env) else {})
+    fill = protocol | PRESETS[args.preset] | SIZES[args.size] | rates
     fill = {k: v for k, v in fill.items() if getattr(args, k) is None}
     if args.train_every is not None or args.train_ratio is not None or "train_ratio" in fill:
         fill.pop("train_every", None)
@@ -326,6 +334,8 @@ def validate(args: Args) -> Args:
     if args.train_every is not None and args.train_ratio is not None:
         fail("--train-ratio", "give --train-every or --train-ratio, not both (they set the same thing)")
     args = apply_preset(args)
+    if args.pomdp and not is_minatar(args.env):
+        fail("--pomdp", f"only MinAtar games have motion channels to remove ('{args.env}' is not one)")
     positive = ["total_steps", "num_envs", "deter_size", "hidden_size", "stoch_size", "classes", "cnn_depth",
                 "mlp_units", "mlp_layers", "batch_size", "seq_len", "horizon", "buffer_size", "slow_critic_every",
                 "lr_model", "lr_actor", "lr_critic", "log_seconds", "max_episode_frames", "keep_checkpoints",
@@ -372,12 +382,56 @@ def validate(args: Args) -> Args:
 # ----------------------------------------------------------------------------------------------------------------
 # Environment
 # ----------------------------------------------------------------------------------------------------------------
+# MinAtar (Young and Tian 2019): 10x10 frames of binary channels, no frame skip, sticky actions 0.1 by default.
+# --pomdp removes the channels that show motion (the issue's MDP/POMDP split).
+MINATAR_MOTION = {"Breakout": ["trail"], "Asterix": ["trail"], "Seaquest": ["trail"],
+                  "Freeway": ["speed1", "speed2", "speed3", "speed4", "speed5"],
+                  "SpaceInvaders": ["alien_left", "alien_right"]}
+MINATAR_STICKY = 0.1
+
+
+def is_minatar(name: str) -> bool:
+    return name.lower().startswith("minatar/")
+
+
+def minatar_channels(game: str) -> list[str]:
+    """The game's channel names in MinAtar's order."""
+    module = importlib.import_module("minatar.environments." + re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower())
+    channels = module.Env().channels
+    return sorted(channels, key=channels.get)
+
+
+class MinAtarFrames(gym.ObservationWrapper):
+    """MinAtar's (10, 10, C) bool state -> (10, 10, C') uint8 in {0, 255}, without the `drop` channels."""
+
+    def __init__(self, env: gym.Env, keep: list[int]):
+        super().__init__(env)
+        self.keep = keep
+        self.observation_space = gym.spaces.Box(0, 255, (10, 10, len(keep)), np.uint8)
+
+    def observation(self, obs):
+        return obs[:, :, self.keep].astype(np.uint8) * 255
+
+
 def resolve_env(name: str, announce: bool = False) -> tuple[str, str, str]:
     """Map --env to (kind, id, name): ("atari", ROM id, the name to use) or ("gym", gymnasium id, name). gymnasium's
     own Atari ids (`BreakoutNoFrameskip-v4`, `Breakout-v4`, `ALE/Breakout-v5`) map onto the game under this
     script's protocol, with one line saying so when `announce`; an unknown name is a one-line error."""
     import ale_py
 
+    if is_minatar(name):
+        game = re.sub(r"-v\d+$", "", name.split("/", 1)[1])
+        game = {g.lower(): g for g in MINATAR_MOTION}.get(game.lower().replace("_", ""))
+        if game is None:
+            fail("--env", f"unknown MinAtar game '{name}'; choose one of "
+                          f"{', '.join('MinAtar/' + g for g in MINATAR_MOTION)}")
+        try:
+            from minatar.gym import register_envs
+        except ImportError:
+            fail("--env", f"{name} needs the minatar package: pip install minatar")
+        if f"MinAtar/{game}-v1" not in gym.registry:
+            register_envs()
+        return "minatar", f"MinAtar/{game}-v1", f"MinAtar/{game}"
     if ":" in name:  # gymnasium's `module:EnvId`: importing the module registers the env
         module, env_id = name.split(":", 1)
         try:
@@ -409,7 +463,8 @@ def resolve_env(name: str, announce: bool = False) -> tuple[str, str, str]:
 
 
 def make_envs(args: Args, seed: int) -> tuple[gym.vector.VectorEnv, int]:
-    """Vector env of 64x64 uint8 observations shaped (num_envs, C, 64, 64), with its frames per policy step.
+    """Vector env of uint8 image observations, 64x64 (MinAtar: 10x10 with one channel per object kind), with its
+    frames per policy step.
 
     Atari follows DreamerV2 (Machado et al. 2018): action repeat 4 with a max over the last two frames, grayscale,
     up to 30 no-ops, sticky actions, no life-loss terminal, no FIRE on reset, raw rewards, a frame cap that
@@ -426,11 +481,18 @@ def make_envs(args: Args, seed: int) -> tuple[gym.vector.VectorEnv, int]:
             max_num_frames_per_episode=args.max_episode_frames, episodic_life=False, reward_clipping=False,
             use_fire_reset=False, full_action_space=False, autoreset_mode="NextStep")
         frames_per_step = 4
+    elif kind == "minatar":  # a frame is a policy step; MinAtar's own episode ends, its minimal action set
+        game = env_id[len("MinAtar/"):-len("-v1")]
+        keep = [i for i, c in enumerate(minatar_channels(game)) if not (args.pomdp and c in MINATAR_MOTION[game])]
+        envs = gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode="sync",
+                            wrappers=[lambda env: MinAtarFrames(env, keep)], sticky_action_prob=args.sticky_actions)
+        frames_per_step = 1
     else:
         envs = gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode="sync")
         frames_per_step = 1
     shape = envs.single_observation_space.shape
-    if not isinstance(envs.single_action_space, gym.spaces.Discrete) or len(shape) not in (2, 3) or 64 not in shape:
+    if kind != "minatar" and (not isinstance(envs.single_action_space, gym.spaces.Discrete)
+                              or len(shape) not in (2, 3) or 64 not in shape):
         envs.close()
         fail("--env", f"'{args.env}' must have discrete actions and 64x64 image observations (got {shape})")
     envs.action_space.seed(seed)
@@ -849,8 +911,31 @@ def check_finite(name: str, loss: torch.Tensor):
 
 
 def preprocess(obs: torch.Tensor) -> torch.Tensor:
-    """uint8 pixels -> float in [-0.5, 0.5] (DreamerV2)."""
-    return obs.float() / 255.0 - 0.5
+    """uint8 pixels -> float in [-0.5, 0.5] (DreamerV2). Smaller frames (MinAtar's 10x10) are enlarged to FRAME x
+    FRAME for the encoder: each cell becomes a block of FRAME // size pixels, centred by a border of 0 (-0.5)."""
+    x = obs.float() / 255.0 - 0.5
+    size = x.shape[-1]
+    if size != FRAME:
+        scale, border = FRAME // size, FRAME % size // 2
+        x = x.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+        x = F.pad(x, (border, FRAME - size * scale - border) * 2, value=-0.5)
+    return x
+
+
+FRAME = 64  # the encoder's input size and the decoder's output size
+PALETTE = torch.tensor([[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+                        [145, 30, 180], [70, 240, 240], [240, 50, 230], [210, 245, 60], [250, 190, 212]]) / 255.0
+
+
+def to_rgb(frames: torch.Tensor) -> torch.Tensor:
+    """(..., C, H, W) frames in [0, 1] -> something a person can read: 1 or 3 channels stay; other C (MinAtar's
+    binary channels) become RGB, channel i in colour i of PALETTE, overlapping channels averaged."""
+    channels = frames.shape[-3]
+    if channels in (1, 3):
+        return frames
+    weight = frames.clamp(0, 1)
+    rgb = torch.einsum("...chw,cd->...dhw", weight, PALETTE[:channels].to(frames.device))
+    return rgb / weight.sum(-3, keepdim=True).clamp(min=1)
 
 
 CELL = 8  # the Barlow Twins target: the frame's mean over CELL x CELL pixel cells
@@ -870,7 +955,7 @@ class WorldModel(nn.Module):
         if args.wm_objective == "decoder":
             self.decoder, self.bt_proj = ConvDecoder(feat, obs_shape[0], args.cnn_depth, norm=self.v3), None
         else:  # no decoder parameters, no decoder compute: a linear projection of latent features instead
-            cells = obs_shape[0] * (obs_shape[1] // CELL) * (obs_shape[2] // CELL)
+            cells = obs_shape[0] * (FRAME // CELL) ** 2
             self.decoder, self.bt_proj = None, nn.Linear(feat, cells)
         self.reward_head = mlp(feat, TWOHOT_BINS if self.v3 else 1, args.mlp_units, args.mlp_layers, self.v3, self.v3)
         self.cont_head = mlp(feat, 1, args.mlp_units, args.mlp_layers, self.v3)
@@ -1451,10 +1536,12 @@ def open_run(args: Args, state: dict | None) -> tuple[str, str, SummaryWriter, s
 
 
 def write_gif(frames: list[np.ndarray], path: str, scale: int = 4):
-    """(C, H, W) uint8 frames -> an animated GIF, enlarged `scale` times with nearest-neighbour pixels."""
+    """(C, H, W) uint8 frames -> an animated GIF of what the encoder sees (to_rgb), enlarged `scale` times with
+    nearest-neighbour pixels."""
     from PIL import Image
 
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    frames = [(to_rgb(preprocess(torch.as_tensor(f)) + 0.5) * 255).round().byte().numpy() for f in frames]
     images = [Image.fromarray(f[0] if f.shape[0] == 1 else f.transpose(1, 2, 0)) for f in frames]
     images = [im.resize((im.width * scale, im.height * scale), Image.NEAREST) for im in images]
     images[0].save(path, save_all=True, append_images=images[1:], duration=40, loop=0)
@@ -1604,10 +1691,10 @@ def image_rows(*rows: torch.Tensor) -> torch.Tensor:
 def log_images(writer: SummaryWriter, agent: Dreamer, step: int):
     """Real frames on the top row, the decoder's (or the probe's) reconstruction or the open-loop dream below."""
     for tag, (real, recon) in agent.images.items():
-        writer.add_image(tag, image_rows(real + 0.5, recon + 0.5).clamp(0, 1).cpu(), step)
+        writer.add_image(tag, to_rgb(image_rows(real + 0.5, recon + 0.5).clamp(0, 1)).cpu(), step)
     agent.images = {}
     if agent.wm.decoder is not None and agent.last_batch is not None:
-        writer.add_image("images/open_loop_dream", image_rows(*agent.wm.dream(agent.last_batch)).cpu(), step)
+        writer.add_image("images/open_loop_dream", to_rgb(image_rows(*agent.wm.dream(agent.last_batch))).cpu(), step)
 
 
 def main(args: Args):
