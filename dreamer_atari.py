@@ -394,15 +394,20 @@ def is_minatar(name: str) -> bool:
     return name.lower().startswith("minatar/")
 
 
+def snake_case(name: str) -> str:
+    """CamelCase -> snake_case, as ALE names its ROMs and MinAtar its game modules (SpaceInvaders -> space_invaders)."""
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
 def minatar_channels(game: str) -> list[str]:
     """The game's channel names in MinAtar's order."""
-    module = importlib.import_module("minatar.environments." + re.sub(r"(?<!^)(?=[A-Z])", "_", game).lower())
+    module = importlib.import_module("minatar.environments." + snake_case(game))
     channels = module.Env().channels
     return sorted(channels, key=channels.get)
 
 
 class MinAtarFrames(gym.ObservationWrapper):
-    """MinAtar's (10, 10, C) bool state -> (10, 10, C') uint8 in {0, 255}, without the `drop` channels."""
+    """MinAtar's (10, 10, C) bool state -> (10, 10, C') uint8 in {0, 255}, only the `keep` channels."""
 
     def __init__(self, env: gym.Env, keep: list[int]):
         super().__init__(env)
@@ -414,7 +419,8 @@ class MinAtarFrames(gym.ObservationWrapper):
 
 
 def resolve_env(name: str, announce: bool = False) -> tuple[str, str, str]:
-    """Map --env to (kind, id, name): ("atari", ROM id, the name to use) or ("gym", gymnasium id, name). gymnasium's
+    """Map --env to (kind, id, name): ("atari", ROM id, the name to use), ("minatar", its gymnasium id,
+    `MinAtar/<Game>`) or ("gym", gymnasium id, name). gymnasium's
     own Atari ids (`BreakoutNoFrameskip-v4`, `Breakout-v4`, `ALE/Breakout-v5`) map onto the game under this
     script's protocol, with one line saying so when `announce`; an unknown name is a one-line error."""
     import ale_py
@@ -444,7 +450,7 @@ def resolve_env(name: str, announce: bool = False) -> tuple[str, str, str]:
 
     roms = set(ale_py.roms.get_all_rom_ids())
     short = re.sub(r"^ALE/|(NoFrameskip|Deterministic)?-v\d+$", "", name)
-    rom = short if short in roms else re.sub(r"(?<!^)(?=[A-Z])", "_", short).lower()
+    rom = short if short in roms else snake_case(short)
     if rom in roms:
         game = rom.title().replace("_", "") if short != name else name  # ms_pacman -> MsPacman
         if short != name and announce:
@@ -471,7 +477,7 @@ def make_envs(args: Args, seed: int) -> tuple[gym.vector.VectorEnv, int]:
     truncates. ale-py's native AtariVectorEnv runs this faster than gymnasium's vector envs; every option that
     differs from its defaults is set here. All envs auto-reset on the step after an episode ends (NEXT_STEP).
     """
-    kind, env_id, _ = resolve_env(args.env)
+    kind, env_id, name = resolve_env(args.env)
     if kind == "atari":
         from ale_py.vector_env import AtariVectorEnv
 
@@ -482,7 +488,7 @@ def make_envs(args: Args, seed: int) -> tuple[gym.vector.VectorEnv, int]:
             use_fire_reset=False, full_action_space=False, autoreset_mode="NextStep")
         frames_per_step = 4
     elif kind == "minatar":  # a frame is a policy step; MinAtar's own episode ends, its minimal action set
-        game = env_id[len("MinAtar/"):-len("-v1")]
+        game = name[len("MinAtar/"):]
         keep = [i for i, c in enumerate(minatar_channels(game)) if not (args.pomdp and c in MINATAR_MOTION[game])]
         envs = gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode="sync",
                             wrappers=[lambda env: MinAtarFrames(env, keep)], sticky_action_prob=args.sticky_actions)
@@ -1721,7 +1727,8 @@ def main(args: Args):
     run_name, path, writer, wandb_id = open_run(args, state)
     params = sum(p.numel() for p in agent.parameters() if p.requires_grad)
     print(f"run {run_name} on {device} ({threads} CPU thread{'s' * (threads > 1)}): env {args.env} x{args.num_envs}, "
-          f"{action_dim} actions, preset {args.preset}, {params / 1e6:.2f}M parameters, replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps"
+          f"{action_dim} actions, preset {args.preset}, {params / 1e6:.2f}M parameters, "
+          f"replay {buffer.nbytes / 2**30:.2f} GiB for {args.buffer_size:,} steps"
           + (f", resumed at step {counters['global_step']:,}" if state else ""), flush=True)
 
     n, global_step = args.num_envs, counters["global_step"]  # updates are counted by agent.ac.updates alone

@@ -22,18 +22,12 @@ import time
 
 import numpy as np
 import torch
+from bench_speed import pop_option
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"v2": dict(preset="v2"), "v1": dict(preset="v1"),
            "tiny": dict(preset="v2", cnn_depth=4, deter_size=32, hidden_size=32, stoch_size=4, classes=4,
                         mlp_units=32, mlp_layers=1, batch_size=4, seq_len=8, horizon=5)}
-
-
-def pop_option(argv: list[str], name: str, default: str) -> tuple[str, list[str]]:
-    if name not in argv:
-        return default, argv
-    i = argv.index(name)
-    return argv[i + 1], argv[:i] + argv[i + 2:]
 
 
 def time_version(path: str, config: str, updates: int, compile: bool) -> dict:
