@@ -180,6 +180,9 @@ class Args:
     """actor entropy bonus scale (eta)"""
     actor_grad: Literal["reinforce", "dynamics"] = "reinforce"
     """actor gradient: REINFORCE with a critic as baseline, or backpropagation through the learned dynamics"""
+    actor_input: Literal["feat", "stoch"] = "feat"
+    """what the actor reads: feat, the full latent [z, h] (the papers); stoch, z alone, the deterministic state cut
+    off (an ablation: under --pomdp, memory then reaches the actor only through what z keeps)"""
     slow_critic_every: int = None  # type: ignore[assignment]
     """move the slow critic towards the critic every this many updates"""
     slow_critic_fraction: float = None  # type: ignore[assignment]
@@ -1061,7 +1064,8 @@ class ActorCritic(nn.Module):
     def __init__(self, args: Args, feat_dim: int, action_dim: int):
         super().__init__()
         self.args, self.v3 = args, args.preset == "v3"
-        self.actor = mlp(feat_dim, action_dim, args.mlp_units, args.mlp_layers, self.v3)
+        self.actor_in = feat_dim - args.deter_size if args.actor_input == "stoch" else feat_dim  # z leads [z, h]
+        self.actor = mlp(self.actor_in, action_dim, args.mlp_units, args.mlp_layers, self.v3)
         self.critic = mlp(feat_dim, TWOHOT_BINS if self.v3 else 1, args.mlp_units, args.mlp_layers, self.v3, self.v3)
         self.slow_critic = copy.deepcopy(self.critic).requires_grad_(False)
         if self.v3:  # the EMAs of the returns' 5th and 95th percentiles, saved with the weights
@@ -1073,6 +1077,10 @@ class ActorCritic(nn.Module):
     def policy(self, logits):
         """Action probabilities from the actor's logits, with the uniform mix (v3: 1%)."""
         return mix_uniform(logits.float().softmax(-1), self.args.unimix)
+
+    def act(self, feats):
+        """The actor's logits on the features it reads (--actor-input)."""
+        return self.actor(feats[..., :self.actor_in]).float()
 
     def value(self, critic: nn.Module, feats):
         """A critic's value of the features (v3 decodes its two-hot)."""
@@ -1086,7 +1094,7 @@ class ActorCritic(nn.Module):
         feats, actions, logits = [wm.rssm.feat(h, z)], [], []
         for _ in range(self.args.horizon):
             with torch.enable_grad():
-                logits.append(self.actor(feats[-1].detach()).float())
+                logits.append(self.act(feats[-1].detach()))
             probs = self.policy(logits[-1].detach())
             action = F.one_hot(sample_categorical(probs), probs.shape[-1]).to(probs.dtype)
             if self.args.actor_grad == "dynamics":
@@ -1262,7 +1270,7 @@ class Dreamer(nn.Module):
         with torch.autocast(self.device.type, torch.bfloat16, enabled=self.amp):
             embed = self.wm.encoder(preprocess(obs_t))
             h, z, _, _ = self.wm.rssm.obs_step(h, z, prev_action, embed, first)
-            logits = self.ac.actor(self.wm.rssm.feat(h, z)).float()
+            logits = self.ac.act(self.wm.rssm.feat(h, z))
         action = logits.argmax(-1) if greedy else sample_categorical(self.ac.policy(logits))
         self.act_state = (h.float(), z.float(), F.one_hot(action, self.action_dim).float())
         return action.cpu().numpy()

@@ -79,3 +79,17 @@ def test_channels_render_in_distinct_colours():
 def test_tiny_run(tiny_args, game, pomdp):
     run_name = da.main(tiny_args(env=f"MinAtar/{game}", pomdp=pomdp, total_steps=130, eval_episodes=0))
     assert run_name.startswith(f"MinAtar_{game}")
+
+
+@pytest.mark.parametrize("actor_input", ["feat", "stoch"])
+def test_actor_input(actor_input):
+    """--actor-input stoch cuts the deterministic state off from the actor: its logits ignore h and follow z."""
+    args = da.validate(da.Args(env="MinAtar/Breakout", pomdp=True, size="tiny", actor_input=actor_input))
+    ac = da.ActorCritic(args, args.stoch_size * args.classes + args.deter_size, 3)
+    torch.manual_seed(0)
+    z, h = torch.randn(2, 5, args.stoch_size * args.classes), torch.randn(2, 5, args.deter_size)
+    logits = lambda z, h: ac.act(da.RSSM.feat(h, z))
+    assert torch.equal(logits(z[0], h[0]), logits(z[0], h[0]))
+    assert torch.allclose(logits(z[0], h[0]), logits(z[0], h[1])) == (actor_input == "stoch")
+    assert not torch.allclose(logits(z[0], h[0]), logits(z[1], h[0]))
+    assert ac.actor[0].in_features == args.stoch_size * args.classes + (args.deter_size if actor_input == "feat" else 0)
