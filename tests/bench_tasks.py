@@ -1,5 +1,5 @@
-"""Benchmark (not a test): learning on the small pixel tasks (Catch, Reach, Cue), decoder and decoder-free world
-models on v2 and v3, several seeds, as a table.
+"""Benchmark (not a test): learning on the small pixel tasks (Catch, Reach on 8x8 and 5x5 boards, Cue), decoder
+and decoder-free world models on v2 and v3, several seeds, as a table.
 
     python tests/bench_tasks.py --task reach --seeds 1 2 3 --variants decoder decoder-free --total-steps 24000
 
@@ -32,6 +32,7 @@ VARIANTS = {
 TASKS = {  # name -> (--env, random return, optimum)
     "catch": ("tests.catch:Catch-v0", catch.random_return(), 1.0),
     "reach": ("tests.reach:Reach-v0", reach.random_return(), reach.optimum()),
+    "reach5x5": ("tests.reach:Reach5x5-v0", reach.random_return(5), reach.optimum(5)),
     "cue": ("tests.cue:Cue-v0", cue.random_return(), 1.0),
 }
 

@@ -6,7 +6,7 @@ import pytest
 import dreamer_atari as da
 from tests import cue, reach
 
-REACH, CUE = "tests.reach:Reach-v0", "tests.cue:Cue-v0"
+CUE = "tests.cue:Cue-v0"
 
 
 def cells(obs, value):
@@ -26,23 +26,33 @@ def walk(obs, is_first):
     return np.array(actions)
 
 
-def test_reach_frames_rewards_and_time_limit():
-    env = reach.Reach()
+@pytest.mark.parametrize("size", [8, 5])
+def test_reach_frames_rewards_and_time_limit(size):
+    env = reach.Reach(size)
     obs, _ = env.reset(seed=3)
     assert obs.shape == (64, 64) and obs.dtype == np.uint8 and set(np.unique(obs)) == {0, 128, 255}
+    first = (8 - size) // 2 * 8  # the board is centred; outside it the frame stays empty
+    inside = np.zeros_like(obs, bool)
+    inside[first:first + 8 * size, first:first + 8 * size] = True
+    for _ in range(200):
+        obs, *_ = env.step(env.np_random.integers(5))
+        assert (obs[~inside] == 0).all() and (obs[inside] == 128).sum() == 64
+    env.reset(seed=4)
     for t in range(reach.LIMIT):  # staying never reaches a target in another cell: truncated, never terminated
         obs, reward, terminated, truncated, _ = env.step(0)
         assert reward == -reach.STEP_COST and not terminated and truncated == (t == reach.LIMIT - 1)
 
 
-def test_reach_optimum_and_random_return():
-    assert reach.optimum() == pytest.approx(0.7833, abs=1e-4) and reach.random_return() == pytest.approx(-0.7927,
-                                                                                                           abs=1e-4)
-    optimal = da.evaluate(da.Args(env=REACH, num_envs=4), walk, 1000, seed=0)
-    assert np.mean(optimal) == pytest.approx(reach.optimum(), abs=0.02) and max(optimal) == 1.0
+@pytest.mark.parametrize("env, size, best, random", [("Reach-v0", 8, 0.7833, -0.7927), ("Reach5x5-v0", 5, 0.8833, -0.5285)])
+def test_reach_optimum_and_random_return(env, size, best, random):
+    assert reach.optimum(size) == pytest.approx(best, abs=1e-4)
+    assert reach.random_return(size) == pytest.approx(random, abs=1e-4)
+    args = da.Args(env=f"tests.reach:{env}", num_envs=4)
+    optimal = da.evaluate(args, walk, 1000, seed=0)
+    assert np.mean(optimal) == pytest.approx(reach.optimum(size), abs=0.02) and max(optimal) == 1.0
     rng = np.random.default_rng(0)
-    returns = da.evaluate(da.Args(env=REACH, num_envs=4), lambda o, f: rng.integers(5, size=len(o)), 2000, seed=0)
-    assert np.mean(returns) == pytest.approx(reach.random_return(), abs=0.03)
+    returns = da.evaluate(args, lambda o, f: rng.integers(5, size=len(o)), 2000, seed=0)
+    assert np.mean(returns) == pytest.approx(reach.random_return(size), abs=0.03)
 
 
 def test_cue_shows_the_cue_only_first_and_last_and_pays_the_match():
