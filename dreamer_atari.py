@@ -174,6 +174,10 @@ class Args:
     """discount factor"""
     cont_scale: float = None  # type: ignore[assignment]
     """weight of the continue loss in the world-model loss"""
+    heads_on_prior: bool = False
+    """also train the reward and continue heads on the prior's features [z ~ p(z | h_t), h_t], the ones imagination
+    gives them (PlaNet's overshooting, Hafner et al. 2019 Sec. 4, at distance 1; the Dreamers train them on the
+    posterior only): a rare event the frame shows (Reach's target) must then be predicted before it is seen"""
     return_lambda: float = 0.95
     """lambda of the lambda-return"""
     entropy: float = None  # type: ignore[assignment]
@@ -974,12 +978,23 @@ class WorldModel(nn.Module):
         """The reward head's prediction: v2 regresses tanh(reward), v3 decodes its two-hot over symlog bins."""
         return twohot_mean(self.reward_head(feat)) if self.v3 else self.reward_head(feat).squeeze(-1).float()
 
-    def loss(self, batch: dict[str, torch.Tensor], state):
-        """Image log-likelihood (or the scaled Barlow Twins loss), reward log-likelihood, continue Bernoulli with
-        scale --cont-scale, and the balanced KL. Returns (loss, h, z, last, metrics).
+    def head_losses(self, feat, batch: dict[str, torch.Tensor]):
+        """Reward negative log-likelihood and continue Bernoulli loss of features (B, T, F).
         v1/v2: unit-Gaussian reward on tanh(reward), continue target gamma * (1 - terminated).
         v3 (DreamerV3 Sec. 'World model learning'): two-hot reward on the raw reward, continue target 1 - terminated
         (the discount is applied in imagination)."""
+        if self.v3:
+            reward = twohot_nll(self.reward_head(feat), batch["reward"]).mean()
+            cont_target = 1.0 - batch["terminated"].float()
+        else:
+            reward = 0.5 * (self.predict_reward(feat) - torch.tanh(batch["reward"])).pow(2).mean()
+            cont_target = self.args.gamma * (1.0 - batch["terminated"].float())
+        return reward, F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1).float(), cont_target)
+
+    def loss(self, batch: dict[str, torch.Tensor], state):
+        """Image log-likelihood (or the scaled Barlow Twins loss), reward and continue losses (`head_losses`; with
+        --heads-on-prior once more on the prior's features), the continue term scaled by --cont-scale, and the
+        balanced KL (DreamerV2 Eq. 2). Returns (loss, h, z, last, metrics)."""
         args = self.args
         obs = preprocess(batch["obs"])
         embed = self.encoder(obs.flatten(0, 1)).unflatten(0, obs.shape[:2])
@@ -987,13 +1002,11 @@ class WorldModel(nn.Module):
         h, z, prior, post, last = self.rssm.observe(embed, action, batch["is_first"], state)
         feat = self.rssm.feat(h, z)
         representation, metrics = self.representation_loss(obs, feat)
-        if self.v3:
-            reward = twohot_nll(self.reward_head(feat), batch["reward"]).mean()
-            cont_target = 1.0 - batch["terminated"].float()
-        else:
-            reward = 0.5 * (self.predict_reward(feat) - torch.tanh(batch["reward"])).pow(2).mean()
-            cont_target = args.gamma * (1.0 - batch["terminated"].float())
-        cont = F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1).float(), cont_target)
+        reward, cont = self.head_losses(feat, batch)
+        if args.heads_on_prior:
+            reward_prior, cont_prior = self.head_losses(self.rssm.feat(h, self.rssm.sample(prior)), batch)
+            reward, cont = reward + reward_prior, cont + cont_prior
+            metrics.update({"losses/reward_prior": reward_prior, "losses/continue_prior": cont_prior})
         kl, kl_value = kl_loss(self.rssm, post, prior, args.kl_balance, args.free_nats, args.free_nats_per_step)
         loss = representation + reward + args.cont_scale * cont + args.kl_scale * kl
         metrics.update({"losses/world_model": loss, "losses/reward": reward, "losses/continue": cont,

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 import torch
 
@@ -174,3 +175,24 @@ def test_encoder_and_decoder_compute_what_their_plain_layers_compute(channels):
         assert got.keys() == want.keys()
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("preset", ["v2", "v3"])
+def test_heads_on_prior_trains_the_reward_head_through_the_prior(tiny_args, preset):
+    """--heads-on-prior adds reward and continue terms on [z ~ prior, h]: their gradient reaches the prior network,
+    which the posterior's heads never touch (the prior learns only through the KL there)."""
+    rng = np.random.default_rng(0)
+    batch = dict(obs=rng.integers(0, 255, (4, 8, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 4, (4, 8)),
+                 reward=rng.normal(size=(4, 8)).astype(np.float32), terminated=rng.random((4, 8)) < 0.2,
+                 is_first=np.zeros((4, 8), bool))
+    batch = {k: torch.as_tensor(v) for k, v in batch.items()}
+    grads = {}
+    for on in [False, True]:
+        torch.manual_seed(0)
+        agent = da.Dreamer(da.validate(tiny_args(preset=preset, heads_on_prior=on)), (1, 64, 64), 4,
+                           torch.device("cpu"))
+        _, _, _, _, metrics = agent.wm.loss(batch, agent.train_state)
+        (metrics["losses/reward"] + metrics["losses/continue"]).backward()
+        grads[on] = sum(p.grad.abs().sum() for p in agent.wm.rssm.prior_net.parameters() if p.grad is not None)
+        assert ("losses/reward_prior" in metrics) == on and ("losses/continue_prior" in metrics) == on
+    assert grads[False] == 0 and grads[True] > 0
