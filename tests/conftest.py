@@ -4,7 +4,9 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,6 +30,15 @@ def signal_a_training_run(sig, *flags: str, settle: float = 2.0) -> tuple[int, s
     process.send_signal(sig)
     out, err = process.communicate(timeout=120)
     return process.returncode, out, err
+
+
+def random_batch(terminal_rate: float = 0.0) -> dict[str, torch.Tensor]:
+    """A (4, 8) replay chunk of random 64x64 frames, actions of 4, rewards and terminals, as the buffer gives it."""
+    rng = np.random.default_rng(0)
+    batch = dict(obs=rng.integers(0, 255, (4, 8, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 4, (4, 8)),
+                 reward=rng.normal(size=(4, 8)).astype(np.float32), terminated=rng.random((4, 8)) < terminal_rate,
+                 is_first=np.zeros((4, 8), bool))
+    return {k: torch.as_tensor(v) for k, v in batch.items()}
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ stays put). Each step costs STEP_COST; the step that reaches the target pays +1 
 After LIMIT steps the episode is truncated. Reaching a target d cells away (Manhattan distance) takes d steps, so
 the optimum is E[1 - STEP_COST (d - 1)] = `optimum(size)`: 0.783 on 8x8, 0.883 on 5x5; the uniform random
 policy's expected return is `random_return(size)`: -0.793 on 8x8, -0.528 on 5x5 (both exact, over the uniform
-start positions). A random policy reaches the target in 13% of its episodes on 8x8 (one step in 143), 29% on 5x5 (one in 58).
+start positions). A random policy reaches the target in 13% of its episodes on 8x8 (one step in 143), 29% on
+5x5 (one in 58).
 """
 
 import gymnasium as gym

@@ -7,6 +7,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dreamer_atari as da
+from tests.conftest import random_batch
 
 
 def test_invariance_is_zero_for_identical_standardized_sides():
@@ -67,11 +68,7 @@ def test_probe_gradient_never_reaches_the_world_model(tiny_args):
     torch.manual_seed(0)
     agent = da.Dreamer(da.validate(tiny_args(preset="decoder-free", probe_decoder=True)), (1, 64, 64), 4,
                        torch.device("cpu"))
-    rng = np.random.default_rng(0)
-    batch = dict(obs=rng.integers(0, 255, (4, 8, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 4, (4, 8)),
-                 reward=rng.normal(size=(4, 8)).astype(np.float32), terminated=np.zeros((4, 8), bool),
-                 is_first=np.zeros((4, 8), bool))
-    batch = {k: torch.as_tensor(v) for k, v in batch.items()}
+    batch = random_batch()
     loss, h, z, _, _ = agent.wm.loss(batch, agent.train_state)
     probe_loss = da.image_nll(agent.probe(torch.cat([z, h], -1).detach().flatten(0, 1)).unflatten(0, (4, 8)),
                               da.preprocess(batch["obs"]))

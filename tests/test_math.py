@@ -1,8 +1,8 @@
-import numpy as np
 import pytest
 import torch
 
 import dreamer_atari as da
+from tests.conftest import random_batch
 
 
 def make_rssm(discrete, **kw):
@@ -181,11 +181,7 @@ def test_encoder_and_decoder_compute_what_their_plain_layers_compute(channels):
 def test_heads_on_prior_trains_the_reward_head_through_the_prior(tiny_args, preset):
     """--heads-on-prior adds reward and continue terms on [z ~ prior, h]: their gradient reaches the prior network,
     which the posterior's heads never touch (the prior learns only through the KL there)."""
-    rng = np.random.default_rng(0)
-    batch = dict(obs=rng.integers(0, 255, (4, 8, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 4, (4, 8)),
-                 reward=rng.normal(size=(4, 8)).astype(np.float32), terminated=rng.random((4, 8)) < 0.2,
-                 is_first=np.zeros((4, 8), bool))
-    batch = {k: torch.as_tensor(v) for k, v in batch.items()}
+    batch = random_batch(terminal_rate=0.2)
     grads = {}
     for on in [False, True]:
         torch.manual_seed(0)

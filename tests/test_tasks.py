@@ -43,7 +43,8 @@ def test_reach_frames_rewards_and_time_limit(size):
         assert reward == -reach.STEP_COST and not terminated and truncated == (t == reach.LIMIT - 1)
 
 
-@pytest.mark.parametrize("env, size, best, random", [("Reach-v0", 8, 0.7833, -0.7927), ("Reach5x5-v0", 5, 0.8833, -0.5285)])
+@pytest.mark.parametrize("env, size, best, random", [("Reach-v0", 8, 0.7833, -0.7927),
+                                                     ("Reach5x5-v0", 5, 0.8833, -0.5285)])
 def test_reach_optimum_and_random_return(env, size, best, random):
     assert reach.optimum(size) == pytest.approx(best, abs=1e-4)
     assert reach.random_return(size) == pytest.approx(random, abs=1e-4)
