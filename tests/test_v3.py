@@ -126,4 +126,8 @@ def test_v3_preset_values_and_the_small_size_rates():
     assert small.slow_critic_every == 1 and small.slow_critic_fraction == 0.02  # not v2's copy every 20
     v2 = da.apply_preset(da.Args(preset="v2", size="small"))
     assert (v2.slow_critic_every, v2.slow_critic_fraction, v2.unimix, v2.cont_scale) == (20, 1.0, 0.0, 5.0)
+    assert (v2.gamma, v2.entropy, v2.heads_on_prior) == (0.95, 5e-2, True) and not small.heads_on_prior
+    paper = da.apply_preset(da.Args(preset="v2"))
+    assert (paper.gamma, paper.entropy, paper.heads_on_prior) == (0.999, 1e-3, False)
+    assert da.apply_preset(da.Args(size="small", heads_on_prior=False, gamma=0.99)).heads_on_prior is False
     assert da.cli_defaults(["--preset", "v3"]).unimix == 0.01
