@@ -129,5 +129,6 @@ def test_v3_preset_values_and_the_small_size_rates():
     assert (v2.gamma, v2.entropy, v2.heads_on_prior) == (0.95, 5e-2, True) and not small.heads_on_prior
     paper = da.apply_preset(da.Args(preset="v2"))
     assert (paper.gamma, paper.entropy, paper.heads_on_prior) == (0.999, 1e-3, False)
-    assert da.apply_preset(da.Args(size="small", heads_on_prior=False, gamma=0.99)).heads_on_prior is False
+    explicit = da.apply_preset(da.Args(size="small", heads_on_prior=False, gamma=0.99))
+    assert explicit.heads_on_prior is False and explicit.gamma == 0.99  # explicit flags win over the size
     assert da.cli_defaults(["--preset", "v3"]).unimix == 0.01
