@@ -127,6 +127,10 @@ def test_v3_preset_values_and_the_small_size_rates():
     v2 = da.apply_preset(da.Args(preset="v2", size="small"))
     assert (v2.slow_critic_every, v2.slow_critic_fraction, v2.unimix, v2.cont_scale) == (20, 1.0, 0.0, 5.0)
     assert (v2.gamma, v2.entropy, v2.heads_on_prior) == (0.95, 5e-2, True) and not small.heads_on_prior
+    for free in [da.Args(preset="decoder-free", size="small"), da.Args(size="small", wm_objective="barlow")]:
+        free = da.apply_preset(free)  # the decoder-free model takes v2's small rates, but not the heads on the prior
+        assert (free.gamma, free.entropy, free.lr_actor, free.heads_on_prior) == (0.95, 5e-2, 1e-3, False)
+    assert da.cli_defaults(["--size", "small", "--wm-objective=barlow"]).heads_on_prior is False
     paper = da.apply_preset(da.Args(preset="v2"))
     assert (paper.gamma, paper.entropy, paper.heads_on_prior) == (0.999, 1e-3, False)
     explicit = da.apply_preset(da.Args(size="small", heads_on_prior=False, gamma=0.99))
