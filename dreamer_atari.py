@@ -274,8 +274,9 @@ SIZES = {
 # the reward and continue heads trained on the prior as well (--heads-on-prior), with the decoder only (Reach 5x5
 # seed 1 at 30,000 steps: 0.73 with it, 0.05 without; decoder-free: 0.69 with it, 0.79 without, and with it the
 # decoder-free model did not learn Cue); 5x the entropy bonus, which kept Reach's actor exploring until it found
-# the target. v3 on Catch: with its own rates, 1e-4 / 3e-5 / 3e-5 and
-# entropy 3e-4, it stayed at random for 8,000 steps; it keeps its slow critic, a moving average updated every step.
+# the target. v3 on Catch: with its own rates, 1e-4 / 3e-5 / 3e-5 and entropy 3e-4, it stayed at random for 8,000
+# steps; it keeps its slow critic, a moving average updated every step. Keys: (size, "v3" for --preset v3, else
+# "barlow" or "v2" by the world-model objective).
 SIZE_RATES = {("small", "v2"): dict(lr_model=1e-3, lr_actor=1e-3, lr_critic=3e-4, entropy=5e-2, slow_critic_every=20,
                                     gamma=0.95, heads_on_prior=True),
               ("small", "v3"): dict(lr_model=1e-3, lr_actor=1e-3, lr_critic=3e-4, entropy=1e-2)}

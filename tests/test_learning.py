@@ -23,7 +23,7 @@ it):
   not stable after: at 10,000 steps the same seed scored -0.40, its reward loss back up from 0.0004 to 0.017. With
   the old small settings 1.00, 1.00, 0.22. A flipped actor loss gives -0.40 (random -0.36) with both settings: it
   fails. Without the heads on the prior this seed scores 1.00, but the decoder needs them on Reach 5x5 (README).
-- v2 with the decoder on Catch, 8,000 steps, was the CI test until Cue joined (today 0.80, 0.32, -0.02; old small
+- v2 with the decoder on Catch, 8,000 steps, was the CI test until Cue joined (small as now 0.80, 0.32, -0.02; old small
   0.58, 0.70, 0.22). Each of the three runs takes 8-11 minutes on one core, so a third run would push the suite
   past 15 minutes on 2 cores; it is a benchmark: `python tests/bench_tasks.py --task catch --variants decoder`.
 """
