@@ -179,6 +179,10 @@ class Args:
     """also train the reward and continue heads on the prior's features [z ~ p(z | h_t), h_t], the ones imagination
     gives them (PlaNet's overshooting, Hafner et al. 2019 Sec. 4, at distance 1; the Dreamers train them on the
     posterior only): a rare event the frame shows (Reach's target) must then be predicted before it is seen"""
+    repval_scale: float = 0.0
+    """weight of the replay-value loss (DreamerV3's code, `repval`, 0.3 there): the critic regresses lambda-returns
+    of the replayed sequence from the posterior features, and that gradient trains the world model, which then has
+    to encode what predicts returns; 0 turns it off"""
     return_lambda: float = 0.95
     """lambda of the lambda-return"""
     entropy: float = None  # type: ignore[assignment]
@@ -365,7 +369,7 @@ def validate(args: Args) -> Args:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be positive (got {getattr(args, name)})")
     for name in ["prefill", "eval_episodes", "eval_every", "bt_lambda", "bt_scale", "noop_max", "free_nats",
-                 "entropy", "recency", "weight_decay", "kl_scale", "cont_scale", "threads"]:
+                 "entropy", "recency", "weight_decay", "kl_scale", "cont_scale", "threads", "repval_scale"]:
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be >= 0 (got {getattr(args, name)})")
     for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda", "unimix", "slow_critic_fraction"]:
@@ -1027,11 +1031,15 @@ class WorldModel(nn.Module):
                         "world/post_entropy": self.rssm.entropy(post).mean()})
         return loss, h, z, last, metrics
 
-    def train_step(self, batch: dict[str, torch.Tensor], state, amp: bool):
-        """One world-model update on a (B, T) chunk from each row's carried state. Returns the posterior states
-        h, z (B, T, ...) for the actor-critic, each row's last state (detached, to carry on) and the metrics."""
+    def train_step(self, batch: dict[str, torch.Tensor], state, amp: bool, replay_value=None):
+        """One world-model update on a (B, T) chunk from each row's carried state, plus --repval-scale times
+        `replay_value(features, batch)` if given. Returns the posterior states h, z (B, T, ...) for the actor-critic,
+        each row's last state (detached, to carry on) and the metrics."""
         with torch.autocast(batch["obs"].device.type, torch.bfloat16, enabled=amp):
             loss, h, z, last, metrics = self.loss(batch, state)
+            if replay_value is not None:
+                metrics["losses/replay_value"] = repval = replay_value(self.rssm.feat(h, z), batch)
+                loss = loss + self.args.repval_scale * repval
         check_finite("world-model", loss)
         metrics["world/grad_norm"] = optimize(self.opt, loss, self.args.model_grad_clip)
         return h, z, (last[0].detach().float(), last[1].detach().float()), metrics
@@ -1158,6 +1166,31 @@ class ActorCritic(nn.Module):
             weight = torch.cumprod(torch.cat([torch.ones_like(cont[:1]), cont[:-1]]), 0)
         return dict(feats=feats, actions=actions, logits=logits, reward=reward, cont=cont, value=value,
                     weight=weight.detach(), returns=returns)
+
+    def replay_value_loss(self, feats, batch: dict[str, torch.Tensor]):
+        """DreamerV3 code's replay value loss (`repval`): the critic's loss on lambda-returns of the replayed
+        sequence, from its posterior features (B, T, F), with the same reward, discount and bootstrap conventions as
+        `imagined_returns` (v1/v2: R_t = tanh(r_t) + gamma c_t ((1 - lambda) v_slow(z_{t+1}) + lambda R_{t+1});
+        v3: R_t = r_{t+1} + gamma c_{t+1} (...) with the critic itself). An episode that starts inside the sequence
+        cuts the return, as a terminal would (a time limit then drops the bootstrap). Ours differs from the code in
+        two ways: the critic's own weights learn from imagination only, this gradient reaches the world model alone;
+        and the bootstrap is the critic, not the imagined return."""
+        feats = feats.transpose(0, 1)  # (T, B, F)
+        terminated, is_first = batch["terminated"].T.float(), batch["is_first"].T.float()
+        cont = self.args.gamma * (1.0 - terminated) * torch.cat([1.0 - is_first[1:], torch.ones_like(is_first[:1])])
+        with torch.no_grad():
+            if self.v3:
+                value = self.value(self.critic, feats)
+                returns = lambda_return(batch["reward"].T[1:], cont[1:], value, self.args.return_lambda)
+            else:
+                value = self.value(self.slow_critic, feats)
+                returns = lambda_return(torch.tanh(batch["reward"].T[:-1]), cont[:-1], value, self.args.return_lambda)
+        self.critic.requires_grad_(False)
+        out = self.critic(feats[:-1])  # (T-1, B, ...): z_0 .. z_{T-2}
+        self.critic.requires_grad_(True)
+        if self.v3:
+            return twohot_nll(out, returns).mean()
+        return (0.5 * (out.squeeze(-1).float() - returns).pow(2)).mean()
 
     def return_scale(self, returns):
         """max(1, EMA(P95) - EMA(P5)) of the lambda-returns, EMA rate 0.01 (DreamerV3 Sec. 'Actor learning'):
@@ -1308,7 +1341,8 @@ class Dreamer(nn.Module):
     def train_step(self, batch: dict[str, np.ndarray]) -> dict[str, float]:
         """World-model update on a (B, T) chunk, then actor-critic from its posterior states."""
         batch = self.last_batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
-        h, z, self.train_state, metrics = self.wm.train_step(batch, self.train_state, self.amp)
+        replay_value = self.ac.replay_value_loss if self.args.repval_scale > 0 else None
+        h, z, self.train_state, metrics = self.wm.train_step(batch, self.train_state, self.amp, replay_value)
         if self.probe is not None:  # reads detached features: its gradient cannot reach the world model
             obs = preprocess(batch["obs"])
             recon = self.probe(self.wm.rssm.feat(h, z).detach().flatten(0, 1)).unflatten(0, obs.shape[:2])

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -192,3 +194,56 @@ def test_heads_on_prior_trains_the_reward_head_through_the_prior(tiny_args, pres
         grads[on] = sum(p.grad.abs().sum() for p in agent.wm.rssm.prior_net.parameters() if p.grad is not None)
         assert ("losses/reward_prior" in metrics) == on and ("losses/continue_prior" in metrics) == on
     assert grads[False] == 0 and grads[True] > 0
+
+
+@pytest.mark.parametrize("preset", ["v2", "v3"])
+def test_replay_value_loss_is_the_critic_loss_on_hand_computed_replay_returns(tiny_args, preset):
+    """--repval-scale: with a critic that outputs the same everywhere, the loss is its loss on lambda-returns of the
+    replayed rewards, computed here by hand with each preset's conventions; a terminal and an episode start inside
+    the sequence both cut the return. Its gradient reaches the features (all but the last, which only bootstraps)
+    and never the critic's own weights."""
+    torch.manual_seed(0)
+    args = da.validate(tiny_args(preset=preset, repval_scale=0.3))
+    ac = da.Dreamer(args, (1, 64, 64), 4, torch.device("cpu")).ac
+    batch = random_batch()
+    batch["terminated"][0, 2] = batch["is_first"][1, 5] = True
+    out = ac.critic[-1]
+    with torch.no_grad():  # v3 zero-initializes it, which would leave no gradient to check
+        out.weight.normal_(0, 0.1)
+    feats = torch.randn(4, 8, ac.critic[0].in_features, requires_grad=True)
+    ac.replay_value_loss(feats, batch).backward()
+    assert feats.grad[:, :-1].norm(dim=-1).gt(0).all() and feats.grad[:, -1].eq(0).all()
+    assert all(p.grad is None for p in ac.critic.parameters())
+
+    with torch.no_grad():
+        out.weight.zero_()
+        out.bias.copy_(torch.randn_like(out.bias))
+    ac.slow_critic.load_state_dict(ac.critic.state_dict())
+    c = ac.value(ac.critic, feats[:1, :1].detach()).item()
+    gamma, lam = args.gamma, args.return_lambda
+    reward, term, first = batch["reward"].tolist(), batch["terminated"].tolist(), batch["is_first"].tolist()
+    expected = []
+    for b in range(4):
+        keep = [(1 - term[b][t]) * (1 - (first[b][t + 1] if t < 7 else 0)) for t in range(8)]
+        returns = [c]  # R_7 = v(z_7)
+        for t in reversed(range(7)):
+            if preset == "v2":  # the step into z_t earns tanh(r_t); z_t's own flags decide whether it goes on
+                returns.append(math.tanh(reward[b][t]) + gamma * keep[t] * ((1 - lam) * c + lam * returns[-1]))
+            else:  # the step from z_t earns r_{t+1}; z_{t+1}'s flags decide
+                returns.append(reward[b][t + 1] + gamma * keep[t + 1] * ((1 - lam) * c + lam * returns[-1]))
+        expected.append(returns[:0:-1])  # R_0 .. R_6
+    target = torch.tensor(expected).T  # (T-1, B)
+    if preset == "v2":
+        want = (0.5 * (c - target) ** 2).mean()
+    else:
+        want = da.twohot_nll(out.bias.detach().expand(7, 4, -1), target).mean()
+    torch.testing.assert_close(ac.replay_value_loss(feats.detach(), batch), want)
+
+
+def test_replay_value_loss_joins_the_world_model_update_only_when_asked(tiny_args):
+    for scale in [0.0, 0.3]:
+        torch.manual_seed(0)
+        agent = da.Dreamer(da.validate(tiny_args(repval_scale=scale)), (1, 64, 64), 4, torch.device("cpu"))
+        metrics = agent.train_step(random_batch(terminal_rate=0.2))
+        assert ("losses/replay_value" in metrics) == (scale > 0)
+        assert all(math.isfinite(v) for v in metrics.values())
