@@ -1172,12 +1172,14 @@ class ActorCritic(nn.Module):
         sequence, from its posterior features (B, T, F), with the same reward, discount and bootstrap conventions as
         `imagined_returns` (v1/v2: R_t = tanh(r_t) + gamma c_t ((1 - lambda) v_slow(z_{t+1}) + lambda R_{t+1});
         v3: R_t = r_{t+1} + gamma c_{t+1} (...) with the critic itself). An episode that starts inside the sequence
-        cuts the return, as a terminal would (a time limit then drops the bootstrap). Ours differs from the code in
-        two ways: the critic's own weights learn from imagination only, this gradient reaches the world model alone;
-        and the bootstrap is the critic, not the imagined return."""
+        cuts the return, as a terminal would (a time limit then drops the bootstrap); in v3 an episode's last state
+        has no step of its own and gets no target (weight 0, as imagination gives a terminal start). Ours differs
+        from the code in two ways: the critic's own weights learn from imagination only, this gradient reaches the
+        world model alone; and the bootstrap is the critic, not the imagined return."""
         feats = feats.transpose(0, 1)  # (T, B, F)
         terminated, is_first = batch["terminated"].T.float(), batch["is_first"].T.float()
-        cont = self.args.gamma * (1.0 - terminated) * torch.cat([1.0 - is_first[1:], torch.ones_like(is_first[:1])])
+        last = torch.cat([is_first[1:], torch.zeros_like(is_first[:1])])  # z_t ends its episode inside the chunk
+        cont = self.args.gamma * (1.0 - terminated) * (1.0 - last)
         with torch.no_grad():
             if self.v3:
                 value = self.value(self.critic, feats)
@@ -1189,7 +1191,7 @@ class ActorCritic(nn.Module):
         out = self.critic(feats[:-1])  # (T-1, B, ...): z_0 .. z_{T-2}
         self.critic.requires_grad_(True)
         if self.v3:
-            return twohot_nll(out, returns).mean()
+            return ((1.0 - last[:-1]) * twohot_nll(out, returns)).mean()
         return (0.5 * (out.squeeze(-1).float() - returns).pow(2)).mean()
 
     def return_scale(self, returns):

@@ -200,19 +200,23 @@ def test_heads_on_prior_trains_the_reward_head_through_the_prior(tiny_args, pres
 def test_replay_value_loss_is_the_critic_loss_on_hand_computed_replay_returns(tiny_args, preset):
     """--repval-scale: with a critic that outputs the same everywhere, the loss is its loss on lambda-returns of the
     replayed rewards, computed here by hand with each preset's conventions; a terminal and an episode start inside
-    the sequence both cut the return. Its gradient reaches the features (all but the last, which only bootstraps)
-    and never the critic's own weights."""
+    the sequence both cut the return, and v3 sets no target on an episode's last state. Its gradient reaches the
+    features that have a target (not the last, which only bootstraps) and never the critic's own weights."""
     torch.manual_seed(0)
     args = da.validate(tiny_args(preset=preset, repval_scale=0.3))
     ac = da.Dreamer(args, (1, 64, 64), 4, torch.device("cpu")).ac
     batch = random_batch()
-    batch["terminated"][0, 2] = batch["is_first"][1, 5] = True
+    batch["terminated"][0, 2] = batch["is_first"][0, 3] = True  # a terminal, then the next episode, as stored
+    batch["is_first"][1, 5] = True  # a time limit: a new episode with no terminal before it
     out = ac.critic[-1]
     with torch.no_grad():  # v3 zero-initializes it, which would leave no gradient to check
         out.weight.normal_(0, 0.1)
     feats = torch.randn(4, 8, ac.critic[0].in_features, requires_grad=True)
     ac.replay_value_loss(feats, batch).backward()
-    assert feats.grad[:, :-1].norm(dim=-1).gt(0).all() and feats.grad[:, -1].eq(0).all()
+    targeted = torch.ones(4, 7, dtype=torch.bool)
+    if preset == "v3":  # no target on an episode's last state: z_2 of row 0 (terminal) and z_4 of row 1
+        targeted[0, 2] = targeted[1, 4] = False
+    assert torch.equal(feats.grad[:, :-1].norm(dim=-1).gt(0), targeted) and feats.grad[:, -1].eq(0).all()
     assert all(p.grad is None for p in ac.critic.parameters())
 
     with torch.no_grad():
@@ -236,7 +240,8 @@ def test_replay_value_loss_is_the_critic_loss_on_hand_computed_replay_returns(ti
     if preset == "v2":
         want = (0.5 * (c - target) ** 2).mean()
     else:
-        want = da.twohot_nll(out.bias.detach().expand(7, 4, -1), target).mean()
+        ends = torch.tensor([[first[b][t + 1] for b in range(4)] for t in range(7)], dtype=torch.float32)
+        want = ((1 - ends) * da.twohot_nll(out.bias.detach().expand(7, 4, -1), target)).mean()
     torch.testing.assert_close(ac.replay_value_loss(feats.detach(), batch), want)
 
 
