@@ -60,7 +60,7 @@ def report(name: str, pred: np.ndarray, reward: np.ndarray):
 def evaluate(wm: da.WorldModel, data: dict[str, np.ndarray], horizons=(1, 5, 15)):
     obs = da.preprocess(torch.as_tensor(data["obs"])[None])
     embed = wm.encoder(obs.flatten(0, 1)).unflatten(0, obs.shape[:2])
-    action = F.one_hot(torch.as_tensor(data["action"])[None], wm.action_dim).float()[0]
+    action = F.one_hot(torch.as_tensor(data["action"]), wm.action_dim).float()
     first = torch.as_tensor(data["is_first"])
     h, z, *_ = wm.rssm.observe(embed, action[None], first[None], wm.rssm.initial(1, obs.device))
     h, z, reward = h[0], z[0], data["reward"]
