@@ -906,11 +906,13 @@ def twohot_mean(logits: torch.Tensor) -> torch.Tensor:
 
 
 def make_optimizer(params, lr: float, weight_decay: float, eps: float = 1e-5) -> torch.optim.Optimizer:
-    """Adam with DreamerV2's decoupled decay `w <- (1 - wd) w` on weight matrices only."""
+    """Adam with DreamerV2's decoupled decay `w <- (1 - wd) w` on weight matrices only. Fused: one kernel per
+    tensor instead of about ten ops, the same update to float round-off; at --size tiny the update took 0.072 s
+    instead of 0.111 on one CPU thread (`tests/bench_commits.py --against` the commit before, --configs tiny)."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]
-    opt = torch.optim.AdamW([dict(params=decay), dict(params=rest)])
+    opt = torch.optim.AdamW([dict(params=decay), dict(params=rest)], fused=True)
     set_optimizer_values(opt, lr, weight_decay, eps)
     return opt
 

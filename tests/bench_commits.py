@@ -7,8 +7,9 @@ For each round, configuration and version, a fresh process (one thread, on the c
 version's file, builds an agent from seed 0 and times `train_step` on random (B, T) batches: one warm-up update,
 then the median of --updates. Versions alternate within a round, so that machine noise hits both alike.
 --compile adds a third version, the working tree with --compile (its first update, the compile time, is printed).
-Configurations use only flags that every version has: v2 (the preset's sizes) and tiny (the test sizes, spelled
-out). The versions must take `Dreamer(args, obs_shape, action_dim, device)` and `train_step(batch)`.
+Configurations use only flags that every version has: v2 (the preset's sizes), small and tiny (the CPU learning
+runs' and the tests' sizes, spelled out). The versions must take `Dreamer(args, obs_shape, action_dim, device)` and
+`train_step(batch)`.
 """
 
 import importlib.util
@@ -26,6 +27,8 @@ from bench_speed import pop_option
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = {"v2": dict(preset="v2"), "v1": dict(preset="v1"),
+           "small": dict(preset="v2", cnn_depth=8, deter_size=64, hidden_size=64, stoch_size=8, classes=8,
+                         mlp_units=64, mlp_layers=2, batch_size=16, seq_len=16, horizon=8),
            "tiny": dict(preset="v2", cnn_depth=4, deter_size=32, hidden_size=32, stoch_size=4, classes=4,
                         mlp_units=32, mlp_layers=1, batch_size=4, seq_len=8, horizon=5)}
 

@@ -179,6 +179,21 @@ def test_encoder_and_decoder_compute_what_their_plain_layers_compute(channels):
             torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_optimizer_step_is_adam_with_decoupled_decay_on_matrices_only():
+    """The first step of `make_optimizer`'s (fused) Adam, by hand: the bias-corrected moments are g and g^2, so each
+    weight moves by -lr * g / (|g| + eps); weight matrices are first multiplied by 1 - wd (DreamerV2), vectors not."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(5, 4)
+    before = {name: p.detach().clone() for name, p in layer.named_parameters()}
+    opt = da.make_optimizer(layer.parameters(), lr=0.01, weight_decay=0.1, eps=1e-5)
+    layer(torch.randn(7, 5)).pow(2).sum().backward()
+    grads = {name: p.grad.clone() for name, p in layer.named_parameters()}
+    opt.step()
+    step = {name: 0.01 * g / (g.abs() + 1e-5) for name, g in grads.items()}
+    torch.testing.assert_close(layer.weight.detach(), before["weight"] * 0.9 - step["weight"])
+    torch.testing.assert_close(layer.bias.detach(), before["bias"] - step["bias"])
+
+
 @pytest.mark.parametrize("preset", ["v2", "v3"])
 def test_heads_on_prior_trains_the_reward_head_through_the_prior(tiny_args, preset):
     """--heads-on-prior adds reward and continue terms on [z ~ prior, h]: their gradient reaches the prior network,
