@@ -8,8 +8,8 @@ version's file, builds an agent from seed 0 and times `train_step` on random (B,
 then the median of --updates. Versions alternate within a round, so that machine noise hits both alike.
 --compile adds a third version, the working tree with --compile (its first update, the compile time, is printed).
 --paired instead runs both versions in one process per round, their updates alternating, and reports the median of
-the per-pair ratios: on a machine whose speed swings between minutes (seen here: the same update 0.43 s in one
-process, 0.70 s in the next), fresh processes per version compare two different machines.
+the per-pair ratios: on a machine whose speed swings from one process to the next (seen here: the same update
+0.44 s in one process, 0.70 s in another), fresh processes per version compare two different machines.
 Configurations use only flags that every version has: v2 (the preset's sizes), small and tiny (the CPU learning
 runs' and the tests' sizes, spelled out). The versions must take `Dreamer(args, obs_shape, action_dim, device)` and
 `train_step(batch)`.
@@ -69,7 +69,7 @@ def time_version(path: str, config: str, updates: int, compile: bool) -> dict:
 
 def time_pair(paths: list[str], config: str, updates: int) -> dict:
     """--paired, in this process: both versions' agents, their updates alternating (A B, then B A), so that a machine
-    whose speed swings from one minute to the next slows both alike. Returns each version's median seconds and the
+    whose speed swings slows both alike. Returns each version's median seconds and the
     median of the per-pair ratios old / new."""
     torch.set_num_threads(1)
     agents = [load_agent(path, f"version{i}", config, False) for i, path in enumerate(paths)]
@@ -134,7 +134,6 @@ def main(argv: list[str]):
         for name in versions:
             sec = statistics.median(x["seconds"] for x in results[config, name])
             print(f"{config:5s} {name:24s} {sec:9.4f} s per update | {base / sec:.2f}x the speed of {against}")
-
 
 
 def report_pairs(against: str, paths: list[str], configs: list[str], rounds: int, updates: str):
