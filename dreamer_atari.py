@@ -907,8 +907,8 @@ def twohot_mean(logits: torch.Tensor) -> torch.Tensor:
 
 def make_optimizer(params, lr: float, weight_decay: float, eps: float = 1e-5) -> torch.optim.Optimizer:
     """Adam with DreamerV2's decoupled decay `w <- (1 - wd) w` on weight matrices only. Fused: one kernel per
-    tensor instead of about ten ops, the same update to float round-off; a --size tiny update 1.07x as fast on one
-    CPU thread (`tests/bench_commits.py --paired`, README "Hardware and measured speed")."""
+    tensor instead of about ten ops, the same update to float round-off; a --size tiny update 1.07x-1.16x as fast on
+    one CPU thread (`tests/bench_commits.py`, README "Hardware and measured speed")."""
     params = [p for p in params if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]
     rest = [p for p in params if p.ndim < 2]

@@ -84,6 +84,16 @@ def time_pair(paths: list[str], config: str, updates: int) -> dict:
                 ratio=statistics.median(a / b for a, b in zip(*times)))
 
 
+def child(argv: list[str], what: str) -> dict:
+    """Run this script with `argv` in a fresh one-thread process; returns the dict it prints after RESULT."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), *argv], capture_output=True, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
+    if out.returncode or not lines:
+        sys.exit(f"error: {what} failed:\n{out.stderr[-2000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
 def main(argv: list[str]):
     if argv[:1] == ["--one"]:
         path, config, updates, compile = argv[1:5]
@@ -119,12 +129,7 @@ def main(argv: list[str]):
     for r in range(int(rounds)):
         for config in configs.split(","):
             for name, (path, comp) in versions.items():
-                out = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", path, config, updates, comp],
-                                     capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-                lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-                if out.returncode or not lines:
-                    sys.exit(f"error: {config} / {name} failed:\n{out.stderr[-2000:]}")
-                result = json.loads(lines[-1][len("RESULT "):])
+                result = child(["--one", path, config, updates, comp], f"{config} / {name}")
                 results[config, name].append(result)
                 print(f"round {r + 1}: {config} / {name}: {result['seconds']:.4f} s per update, first update "
                       f"{result['first']:.1f} s", flush=True)
@@ -141,12 +146,7 @@ def report_pairs(against: str, paths: list[str], configs: list[str], rounds: int
     ratios = {config: [] for config in configs}
     for r in range(rounds):
         for config in configs:
-            out = subprocess.run([sys.executable, os.path.abspath(__file__), "--pair", *paths, config, updates],
-                                 capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-            lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
-            if out.returncode or not lines:
-                sys.exit(f"error: {config} failed:\n{out.stderr[-2000:]}")
-            result = json.loads(lines[-1][len("RESULT "):])
+            result = child(["--pair", *paths, config, updates], config)
             ratios[config].append(result["ratio"])
             print(f"round {r + 1}: {config}: {against} {result['seconds'][0]:.4f} s, working tree "
                   f"{result['seconds'][1]:.4f} s per update; median ratio of the pairs {result['ratio']:.2f}",
