@@ -69,8 +69,8 @@ def time_version(path: str, config: str, updates: int, compile: bool) -> dict:
 
 def time_pair(paths: list[str], config: str, updates: int) -> dict:
     """--paired, in this process: both versions' agents, their updates alternating (A B, then B A), so that a machine
-    whose speed swings slows both alike. Returns each version's median seconds and the
-    median of the per-pair ratios old / new."""
+    whose speed swings slows both alike. Returns each version's median seconds and the median of the per-pair ratios
+    old / new."""
     torch.set_num_threads(1)
     agents = [load_agent(path, f"version{i}", config, False) for i, path in enumerate(paths)]
     for agent, batches in agents:
@@ -155,6 +155,7 @@ def report_pairs(against: str, paths: list[str], configs: list[str], rounds: int
     for config, rs in ratios.items():
         print(f"{config:5s} working tree: {statistics.median(rs):.2f}x the speed of {against} (median over rounds; "
               f"rounds {min(rs):.2f}x to {max(rs):.2f}x)")
+
 
 if __name__ == "__main__":
     main(sys.argv[1:])
