@@ -1312,8 +1312,8 @@ class Dreamer(nn.Module):
             self.probe_opt = make_optimizer(self.probe.parameters(), args.lr_model, args.weight_decay)
         self.amp = args.amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
         if args.compile:  # the same functions, traced once: fused kernels, no per-op overhead
-            import torch._inductor.config
-            torch._inductor.config.fallback_random = True  # eager's random stream, so runs match without it
+            from torch._inductor import config as inductor  # not `import torch._...`: that makes `torch` local here
+            inductor.fallback_random = True  # eager's random stream, so runs match without it
             self.wm.loss = torch.compile(self.wm.loss)
             self.ac.imagined_returns = torch.compile(self.ac.imagined_returns)
         self.act_state = None  # (h, z, previous action) per env

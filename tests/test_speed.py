@@ -1,7 +1,9 @@
-"""Speed options change how the update runs, not what it computes: --compile, --threads."""
+"""Speed options change how the update runs, not what it computes: --compile, --threads, --amp."""
 
 import functools
 import os
+import symtable
+import types
 
 import numpy as np
 import pytest
@@ -59,3 +61,45 @@ def test_compiled_update_matches_eager(tiny_args, monkeypatch, backend):
         for key in ["losses/world_model", "losses/image", "losses/reward", "losses/kl", "losses/actor",
                     "losses/critic", "critic/lambda_return", "actor/entropy"]:
             assert compiled[key] == pytest.approx(eager[key], rel=1e-3, abs=1e-5), (i, key)
+
+
+@pytest.mark.parametrize("preset", ["v2", "v3", "decoder-free"])
+def test_bf16_autocast_update_matches_float32(tiny_args, preset):
+    """--amp's path, which runs on CUDA GPUs only, taken here under the CPU's bf16 autocast instead: acting and one
+    update run in bf16 (the encoder's convolutions return bf16) and give float32's losses to bf16 tolerance."""
+    rng = np.random.default_rng(0)
+    B, T = 4, 8
+    batch = dict(obs=rng.integers(0, 255, (B, T, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 6, (B, T)),
+                 reward=rng.normal(size=(B, T)).astype(np.float32), terminated=rng.random((B, T)) < 0.1,
+                 is_first=rng.random((B, T)) < 0.1)
+    metrics, dtypes = [], []
+    for amp in (False, True):
+        torch.manual_seed(0)
+        agent = da.Dreamer(da.validate(tiny_args(preset=preset)), (1, 64, 64), 6, torch.device("cpu"))
+        agent.amp = amp
+        conv = [m for m in agent.wm.encoder.modules() if isinstance(m, torch.nn.Conv2d)][1]  # [0] runs functionally
+        conv.register_forward_hook(lambda module, inputs, output: dtypes.append((amp, output.dtype)))
+        assert agent.sample_action(batch["obs"][:, 0], np.zeros(B, bool)).shape == (B,)
+        torch.manual_seed(1)
+        metrics.append(agent.train_step(batch))
+    assert {dtype for amp, dtype in dtypes if amp} == {torch.bfloat16}
+    assert {dtype for amp, dtype in dtypes if not amp} == {torch.float32}
+    fp32, bf16 = metrics
+    for key in ["losses/world_model", "losses/reward", "losses/kl", "losses/actor", "losses/critic"]:
+        assert np.isfinite(bf16[key]) and bf16[key] == pytest.approx(fp32[key], rel=0.02, abs=0.01), key
+
+
+def test_no_function_makes_a_module_level_name_local():
+    """`import torch._inductor.config` inside a function binds `torch` locally in all of it, so a use of torch
+    earlier in that function fails with UnboundLocalError. Dreamer.__init__ did this, and on CUDA (where
+    `--amp` reads `torch.cuda` first) every run failed; the CPU never reached that read."""
+    source = open(da.__file__).read()
+    modules = {name for name, value in vars(da).items() if isinstance(value, types.ModuleType)}
+    shadowed, tables = [], [symtable.symtable(source, da.__file__, "exec")]
+    while tables:
+        table = tables.pop()
+        tables += table.get_children()
+        if table.get_type() == "function":
+            shadowed += [f"{table.get_name()}: {s.get_name()}" for s in table.get_symbols()
+                         if s.get_name() in modules and s.is_local()]
+    assert not shadowed
