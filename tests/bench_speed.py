@@ -12,6 +12,7 @@ one warm-up, and reports
   (`torch.mm` of 1024 x 1024 matrices, best of 20);
 - op events per update, from `torch.profiler` on one more update (operators and autograd nodes: the per-op
   overhead that `--compile` removes and that becomes kernel-launch cost on a GPU);
+- the first update's seconds (CUDA's kernel selection; with --compile, the compile time);
 - peak memory: `torch.cuda.max_memory_allocated` on CUDA; on the CPU the growth of the process's peak RSS from
   before the agent is built, an estimate of what the same update needs on a GPU (float32, no autocast).
 Configurations: v2, v1, v3, decoder-free (presets) and small, tiny (v2 at `--size small|tiny`); the other flags
@@ -82,7 +83,11 @@ def measure(argv: list[str], updates: int) -> dict:
     act_seconds = (time.perf_counter() - start) / (200 // args.num_envs * args.num_envs)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    agent.train_step(buffer.sample())  # warm-up
+    sync()
+    start = time.perf_counter()
+    agent.train_step(buffer.sample())  # warm-up: CUDA's kernel selection, --compile's tracing and code generation
+    sync()
+    first_seconds = time.perf_counter() - start
     times = []
     for _ in range(updates):
         batch = buffer.sample()
@@ -102,7 +107,8 @@ def measure(argv: list[str], updates: int) -> dict:
     envs.close()
     return dict(device=str(device), threads=threads, preset=args.preset, batch=f"{args.batch_size}x{args.seq_len}",
                 params=count(agent), wm_params=count(agent.wm), seconds=statistics.median(times),
-                act_seconds=act_seconds, train_every=args.train_every, gflop=flops.get_total_flops() / 1e9,
+                first_seconds=first_seconds, act_seconds=act_seconds, train_every=args.train_every,
+                gflop=flops.get_total_flops() / 1e9,
                 events=sum(e.count for e in prof.key_averages()), peak_gib=peak,
                 matmul_peak=matmul_peak() if device.type == "cpu" else None)
 
@@ -135,8 +141,8 @@ def main(argv: list[str]):
           + (f"{statistics.median(r['matmul_peak'] for rs in results.values() for r in rs):.0f} GFLOP/s"
              if first["matmul_peak"] else "not measured on CUDA"))
     print("| config | batch | parameters (world model) | s / update | UPS | GFLOP / update | GFLOP/s | share of peak "
-          "| op events / update | peak memory GiB | acting steps/s | training SPS |")
-    print("|---" * 12 + "|")
+          "| op events / update | peak memory GiB | acting steps/s | training SPS | first update s |")
+    print("|---" * 13 + "|")
     for name, rs in results.items():
         sec = statistics.median(r["seconds"] for r in rs)
         peak = statistics.median(r["matmul_peak"] for r in rs) if rs[0]["matmul_peak"] else None
@@ -145,7 +151,8 @@ def main(argv: list[str]):
         sps = r["train_every"] / (sec + r["train_every"] * r["act_seconds"])
         print(f"| {name} | {r['batch']} | {r['params']:.2f}M ({r['wm_params']:.2f}M) | {sec:.3f} | {1 / sec:.2f} | "
               f"{r['gflop']:.1f} | {rate:.1f} | " + (f"{rate / peak:.0%}" if peak else "-") + f" | {r['events']:,} | "
-              f"{max(x['peak_gib'] for x in rs):.2f} | {1 / r['act_seconds']:.0f} | {sps:.1f} |")
+              f"{max(x['peak_gib'] for x in rs):.2f} | {1 / r['act_seconds']:.0f} | {sps:.1f} | "
+              f"{statistics.median(x['first_seconds'] for x in rs):.1f} |")
 
 
 if __name__ == "__main__":
