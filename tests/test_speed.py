@@ -8,6 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import dreamer_atari as da
 
@@ -88,6 +89,30 @@ def test_bf16_autocast_update_matches_float32(tiny_args, preset):
     for key in ["losses/world_model", "losses/reward", "losses/kl", "losses/actor", "losses/critic"]:
         assert np.isfinite(bf16[key]) and bf16[key] == pytest.approx(fp32[key], rel=0.02, abs=0.01), key
 
+
+
+def test_training_run_under_bf16_autocast(tiny_args, monkeypatch):
+    """A whole run (acting, updates, image logging, the open-loop dream, checkpoint, evaluation) with --amp's path
+    forced on under the CPU's bf16 autocast: every logged loss finite, the images and the model written."""
+    init, dtypes = da.Dreamer.__init__, set()
+
+    def init_with_amp(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        self.amp = True
+        conv = [m for m in self.wm.encoder.modules() if isinstance(m, torch.nn.Conv2d)][1]
+        conv.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+
+    monkeypatch.setattr(da.Dreamer, "__init__", init_with_amp)
+    run_name = da.main(tiny_args(env="SpaceInvaders", total_steps=300, max_episode_frames=400, save_model=True))
+    acc = EventAccumulator(os.path.join("runs", run_name))
+    acc.Reload()
+    losses = [tag for tag in acc.Tags()["scalars"] if tag.startswith("losses/")]
+    assert {"losses/image", "losses/kl", "losses/actor", "losses/critic"} <= set(losses)
+    assert all(np.isfinite(e.value) for tag in losses for e in acc.Scalars(tag))
+    assert {"images/reconstruction", "images/open_loop_dream"} <= set(acc.Tags()["images"])
+    assert len(acc.Scalars("eval/episodic_return")) == 2
+    assert os.path.exists(os.path.join("runs", run_name, "dreamer_atari.cleanrl_model"))
+    assert torch.bfloat16 in dtypes  # acting and updates; the logged open-loop dream runs in float32
 
 def test_no_function_makes_a_module_level_name_local():
     """`import torch._inductor.config` inside a function binds `torch` locally in all of it, so a use of torch
