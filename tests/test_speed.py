@@ -13,6 +13,19 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import dreamer_atari as da
 
 
+def replay_batch(rng, B=4, T=8) -> dict[str, np.ndarray]:
+    """A (B, T) replay chunk of random frames, 6 actions, rewards, terminals and episode starts."""
+    return dict(obs=rng.integers(0, 255, (B, T, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 6, (B, T)),
+                reward=rng.normal(size=(B, T)).astype(np.float32), terminated=rng.random((B, T)) < 0.1,
+                is_first=rng.random((B, T)) < 0.1)
+
+
+def record_encoder_dtype(agent, dtypes: set):
+    """Add the dtype of every output of the encoder's second convolution (the first runs functionally) to `dtypes`."""
+    conv = [m for m in agent.wm.encoder.modules() if isinstance(m, torch.nn.Conv2d)][1]
+    conv.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+
+
 @pytest.fixture
 def keep_threads():
     threads = torch.get_num_threads()
@@ -45,10 +58,7 @@ def test_compiled_update_matches_eager(tiny_args, monkeypatch, backend):
     what --compile runs, also generates and compiles the kernels."""
     monkeypatch.setattr(da.torch, "compile", functools.partial(torch.compile, backend=backend))
     rng = np.random.default_rng(0)
-    B, T = 4, 8
-    batches = [dict(obs=rng.integers(0, 255, (B, T, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 6, (B, T)),
-                    reward=rng.normal(size=(B, T)).astype(np.float32), terminated=rng.random((B, T)) < 0.1,
-                    is_first=rng.random((B, T)) < 0.1) for _ in range(3)]
+    batches = [replay_batch(rng) for _ in range(3)]
     agents = []
     for compile in (False, True):
         torch.manual_seed(0)
@@ -68,27 +78,20 @@ def test_compiled_update_matches_eager(tiny_args, monkeypatch, backend):
 def test_bf16_autocast_update_matches_float32(tiny_args, preset):
     """--amp's path, which runs on CUDA GPUs only, taken here under the CPU's bf16 autocast instead: acting and one
     update run in bf16 (the encoder's convolutions return bf16) and give float32's losses to bf16 tolerance."""
-    rng = np.random.default_rng(0)
-    B, T = 4, 8
-    batch = dict(obs=rng.integers(0, 255, (B, T, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 6, (B, T)),
-                 reward=rng.normal(size=(B, T)).astype(np.float32), terminated=rng.random((B, T)) < 0.1,
-                 is_first=rng.random((B, T)) < 0.1)
-    metrics, dtypes = [], []
+    batch = replay_batch(np.random.default_rng(0))
+    metrics, dtypes = [], {False: set(), True: set()}
     for amp in (False, True):
         torch.manual_seed(0)
         agent = da.Dreamer(da.validate(tiny_args(preset=preset)), (1, 64, 64), 6, torch.device("cpu"))
         agent.amp = amp
-        conv = [m for m in agent.wm.encoder.modules() if isinstance(m, torch.nn.Conv2d)][1]  # [0] runs functionally
-        conv.register_forward_hook(lambda module, inputs, output: dtypes.append((amp, output.dtype)))
-        assert agent.sample_action(batch["obs"][:, 0], np.zeros(B, bool)).shape == (B,)
+        record_encoder_dtype(agent, dtypes[amp])
+        assert agent.sample_action(batch["obs"][:, 0], np.zeros(4, bool)).shape == (4,)
         torch.manual_seed(1)
         metrics.append(agent.train_step(batch))
-    assert {dtype for amp, dtype in dtypes if amp} == {torch.bfloat16}
-    assert {dtype for amp, dtype in dtypes if not amp} == {torch.float32}
+    assert dtypes == {False: {torch.float32}, True: {torch.bfloat16}}
     fp32, bf16 = metrics
     for key in ["losses/world_model", "losses/reward", "losses/kl", "losses/actor", "losses/critic"]:
         assert np.isfinite(bf16[key]) and bf16[key] == pytest.approx(fp32[key], rel=0.02, abs=0.01), key
-
 
 
 def test_training_run_under_bf16_autocast(tiny_args, monkeypatch):
@@ -99,8 +102,7 @@ def test_training_run_under_bf16_autocast(tiny_args, monkeypatch):
     def init_with_amp(self, *args, **kwargs):
         init(self, *args, **kwargs)
         self.amp = True
-        conv = [m for m in self.wm.encoder.modules() if isinstance(m, torch.nn.Conv2d)][1]
-        conv.register_forward_hook(lambda module, inputs, output: dtypes.add(output.dtype))
+        record_encoder_dtype(self, dtypes)
 
     monkeypatch.setattr(da.Dreamer, "__init__", init_with_amp)
     run_name = da.main(tiny_args(env="SpaceInvaders", total_steps=300, max_episode_frames=400, save_model=True))
@@ -113,6 +115,7 @@ def test_training_run_under_bf16_autocast(tiny_args, monkeypatch):
     assert len(acc.Scalars("eval/episodic_return")) == 2
     assert os.path.exists(os.path.join("runs", run_name, "dreamer_atari.cleanrl_model"))
     assert torch.bfloat16 in dtypes  # acting and updates; the logged open-loop dream runs in float32
+
 
 def test_no_function_makes_a_module_level_name_local():
     """`import torch._inductor.config` inside a function binds `torch` locally in all of it, so a use of torch
