@@ -3,9 +3,9 @@
 #
 #     bash tests/gpu_check.sh [checks|boxing] [OUTPUT_FOLDER]      # from the repository root, on a CUDA machine
 #
-# checks (about 6 minutes on an H200): tests/bench_speed.py for v2, decoder-free, v3, v1, small and tiny with --amp's
-#   bf16 autocast (the default) and v2 and decoder-free in float32 (--no-amp); --compile at tiny and small sizes; a
-#   50-second run of the README's command stopped with Ctrl-C; the suite without the learning tests on the GPU.
+# checks: tests/bench_speed.py for v2, decoder-free, v3, v1, small and tiny with --amp's bf16 autocast (the default)
+#   and v2 and decoder-free in float32 (--no-amp); --compile at tiny and small sizes; a 50-second run of the README's
+#   command stopped with Ctrl-C; the suite without the learning tests on the GPU.
 # boxing (about 9 minutes if the runs share the GPU well; not measured yet): tests/bench_learning.py on Boxing at its
 #   40,000-step budget, the decoder (v2) and the decoder-free preset on seeds 1-3, six processes at once, one thread
 #   each.
