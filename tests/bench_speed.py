@@ -83,19 +83,17 @@ def measure(argv: list[str], updates: int) -> dict:
     act_seconds = (time.perf_counter() - start) / (200 // args.num_envs * args.num_envs)
 
     sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
-    sync()
-    start = time.perf_counter()
-    agent.train_step(buffer.sample())  # warm-up: CUDA's kernel selection, --compile's tracing and code generation
-    sync()
-    first_seconds = time.perf_counter() - start
-    times = []
-    for _ in range(updates):
+
+    def timed_update() -> float:
         batch = buffer.sample()
         sync()
         start = time.perf_counter()
         agent.train_step(batch)
         sync()
-        times.append(time.perf_counter() - start)
+        return time.perf_counter() - start
+
+    first_seconds = timed_update()  # warm-up: CUDA's kernel selection, --compile's tracing and code generation
+    times = [timed_update() for _ in range(updates)]
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**30
     else:
