@@ -41,6 +41,28 @@ def random_batch(terminal_rate: float = 0.0) -> dict[str, torch.Tensor]:
     return {k: torch.as_tensor(v) for k, v in batch.items()}
 
 
+LEARNING_RUNS = pytest.StashKey()
+
+
+def pytest_collection_finish(session):
+    """Start the selected learning runs (tests/test_learning.py) as soon as they are collected rather than when
+    their tests come up, so that they train while the unit tests run."""
+    names = [item.callspec.params["name"] for item in session.items if item.path.name == "test_learning.py"]
+    if names and not session.config.option.collectonly:
+        from tests.test_learning import LearningRuns
+        session.config.stash[LEARNING_RUNS] = LearningRuns(names)
+
+
+def pytest_sessionfinish(session):
+    if LEARNING_RUNS in session.config.stash:
+        session.config.stash[LEARNING_RUNS].stop()
+
+
+@pytest.fixture(scope="session")
+def learning_runs(request):
+    return request.config.stash[LEARNING_RUNS]
+
+
 @pytest.fixture
 def tiny_args():
     def make(**overrides):

@@ -5,9 +5,10 @@ Catch (tests/catch.py): a random policy scores -0.75 on average, the optimum is 
 policy averages at least -0.25 over 100 evaluation episodes, that is, catches 3 times as many balls as a random
 policy (37.5% against 12.5%), 8 standard errors above the random mean. MinAtar Breakout: a random policy scores
 0.37 +- 0.67 over the 100 evaluation episodes of seed 1; the test passes at 0.75, twice that, 6 standard errors
-above it. The runs train side by side, each on its own core with one thread, in a pool started by the
-`learning_runs` fixture, longest first (v3 on Catch about 17 minutes of a core on the slower development machine of
-2026-12-04; on the earlier one v2 on Catch about 7 minutes, MinAtar 5); each test waits for its own run.
+above it. The runs train side by side, each on its own core with one thread, in a pool that starts as soon as
+pytest has collected them (`LearningRuns`), longest first, while the unit tests run (v3 on Catch about 17 minutes
+of a core on the slower development machine of 2026-12-04; on the earlier one v2 on Catch about 7 minutes, MinAtar
+5); each test waits for its own run.
 
 Measured on the development machine (2 CPU cores; seed 1 runs here), with `--size small` as it is now (gamma
 0.95, entropy 5e-2; the heads on the prior with the decoder only; see README "Does it learn?"):
@@ -30,7 +31,9 @@ Measured on the development machine (2 CPU cores; seed 1 runs here), with `--siz
 import math
 import multiprocessing
 import os
-from concurrent.futures import ProcessPoolExecutor
+import shutil
+import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -73,28 +76,52 @@ def pin_worker(cores):
 
 
 def train(overrides: dict, folder: str):
+    """One run in its own folder, its console output in train.log there (not interleaved with the other runs')."""
+    os.makedirs(folder)
     os.chdir(folder)
-    return eval_returns(da.main(da.Args(**{**CATCH_ARGS, **overrides})))
+    log = open("train.log", "w")
+    os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+    try:
+        return eval_returns(da.main(da.Args(**{**CATCH_ARGS, **overrides})))
+    finally:
+        sys.stdout.flush(), sys.stderr.flush()
 
 
-@pytest.fixture(scope="module")
-def learning_runs(tmp_path_factory):
-    """One pool worker per core; every run is queued at once, longest first, so a worker that finishes a short run
-    takes the next. Yields run name -> future of (greedy returns, random mean)."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
-    context = multiprocessing.get_context("spawn")
-    queue = context.Queue()
-    for core in cores:
-        queue.put(core)
-    with ProcessPoolExecutor(len(cores), mp_context=context, initializer=pin_worker, initargs=(queue,)) as pool:
-        yield {name: pool.submit(train, overrides, str(tmp_path_factory.mktemp(name)))  # own folders
-               for name, (overrides, *_) in RUNS.items()}
+class LearningRuns:
+    """The selected runs, started together as soon as pytest has collected them (tests/conftest.py), so that they
+    train while the unit tests run: one pool worker per core, every run queued at once, longest first, so a worker
+    that finishes a short run takes the next. This process drops to one thread meanwhile, for the same reason the
+    workers have one. `results`: run name -> AsyncResult of (greedy returns, random mean)."""
+
+    def __init__(self, names: list[str]):
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        for core in cores:
+            queue.put(core)
+        self.folder = tempfile.mkdtemp(prefix="dreamer-learning-")
+        self.pool = context.Pool(min(len(cores), len(names)), pin_worker, (queue,))
+        self.results = {name: self.pool.apply_async(train, (overrides, os.path.join(self.folder, name)))
+                        for name, (overrides, *_) in RUNS.items() if name in names}
+        torch.set_num_threads(1)
+
+    def log_tail(self, name: str, lines: int = 12) -> str:
+        with open(os.path.join(self.folder, name, "train.log")) as f:
+            return "".join(f.readlines()[-lines:])
+
+    def stop(self):
+        """End of the session: stop runs still training (after -x or Ctrl-C); keep the folder only if a run failed."""
+        self.pool.terminate()
+        self.pool.join()
+        if all(r.ready() and r.successful() for r in self.results.values()):
+            shutil.rmtree(self.folder, ignore_errors=True)
 
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_learns(learning_runs, name):
-    returns, random_mean = learning_runs[name].result()
+    returns, random_mean = learning_runs.results[name].get()
     _, random_return, threshold = RUNS[name]
     assert len(returns) == 100 and all(math.isfinite(r) for r in returns)
     assert abs(random_mean - random_return) < 0.25  # the baseline played on the same seeds
-    assert np.mean(returns) >= threshold, f"{name}: greedy return {np.mean(returns):.2f} (random {random_mean:.2f})"
+    assert np.mean(returns) >= threshold, (f"{name}: greedy return {np.mean(returns):.2f} (random {random_mean:.2f});"
+                                           f" the end of its log:\n{learning_runs.log_tail(name)}")
