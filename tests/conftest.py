@@ -44,6 +44,11 @@ def random_batch(terminal_rate: float = 0.0) -> dict[str, torch.Tensor]:
 LEARNING_RUNS = pytest.StashKey()
 
 
+def pytest_collection_modifyitems(items):
+    """The learning tests go last: each waits for its run, and the unit tests run while the runs train."""
+    items.sort(key=lambda item: item.path.name == "test_learning.py")
+
+
 def pytest_collection_finish(session):
     """Start the selected learning runs (tests/test_learning.py) as soon as they are collected rather than when
     their tests come up, so that they train while the unit tests run."""
