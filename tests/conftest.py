@@ -63,6 +63,12 @@ def pytest_sessionfinish(session):
         session.config.stash[LEARNING_RUNS].stop()
 
 
+def pytest_terminal_summary(terminalreporter, config):
+    if LEARNING_RUNS in config.stash:
+        for line in config.stash[LEARNING_RUNS].summary():
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(scope="session")
 def learning_runs(request):
     return request.config.stash[LEARNING_RUNS]

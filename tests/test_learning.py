@@ -34,6 +34,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -81,8 +82,9 @@ def train(overrides: dict, folder: str):
     os.chdir(folder)
     log = open("train.log", "w")
     os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+    start = time.time()
     try:
-        return eval_returns(da.main(da.Args(**{**CATCH_ARGS, **overrides})))
+        return (*eval_returns(da.main(da.Args(**{**CATCH_ARGS, **overrides}))), time.time() - start)
     finally:
         sys.stdout.flush(), sys.stderr.flush()
 
@@ -91,7 +93,7 @@ class LearningRuns:
     """The selected runs, started together as soon as pytest has collected them (tests/conftest.py), so that they
     train while the unit tests run: one pool worker per core, every run queued at once, longest first, so a worker
     that finishes a short run takes the next. This process drops to one thread meanwhile, for the same reason the
-    workers have one. `results`: run name -> AsyncResult of (greedy returns, random mean)."""
+    workers have one. `results`: run name -> AsyncResult of (greedy returns, random mean, seconds)."""
 
     def __init__(self, names: list[str]):
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
@@ -109,6 +111,16 @@ class LearningRuns:
         with open(os.path.join(self.folder, name, "train.log")) as f:
             return "".join(f.readlines()[-lines:])
 
+    def summary(self) -> list[str]:
+        """One line per finished run, for the end of pytest's report (so that CI logs keep the scores)."""
+        lines = []
+        for name, result in self.results.items():
+            if result.ready() and result.successful():
+                returns, random_mean, seconds = result.get()
+                lines.append(f"learning run {name}: greedy {np.mean(returns):.2f}, random {random_mean:.2f}, "
+                             f"bar {RUNS[name][2]:.2f}, {seconds:.0f} s")
+        return lines
+
     def stop(self):
         """End of the session: stop runs still training (after -x or Ctrl-C); keep the folder only if a run failed."""
         self.pool.terminate()
@@ -119,7 +131,7 @@ class LearningRuns:
 
 @pytest.mark.parametrize("name", list(RUNS))
 def test_learns(learning_runs, name):
-    returns, random_mean = learning_runs.results[name].get()
+    returns, random_mean, _ = learning_runs.results[name].get()
     _, random_return, threshold = RUNS[name]
     assert len(returns) == 100 and all(math.isfinite(r) for r in returns)
     assert abs(random_mean - random_return) < 0.25  # the baseline played on the same seeds
