@@ -58,9 +58,10 @@ def pytest_collection_finish(session):
         session.config.stash[LEARNING_RUNS] = LearningRuns(names)
 
 
-def pytest_sessionfinish(session):
+def pytest_sessionfinish(session, exitstatus):
+    """Stop the learning runs; keep their folders (logs, TensorBoard runs) when a test failed."""
     if LEARNING_RUNS in session.config.stash:
-        session.config.stash[LEARNING_RUNS].stop()
+        session.config.stash[LEARNING_RUNS].stop(keep=exitstatus != 0)
 
 
 def pytest_terminal_summary(terminalreporter, config):

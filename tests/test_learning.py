@@ -80,8 +80,8 @@ def train(overrides: dict, folder: str):
     """One run in its own folder, its console output in train.log there (not interleaved with the other runs')."""
     os.makedirs(folder)
     os.chdir(folder)
-    log = open("train.log", "w")
-    os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+    with open("train.log", "w") as log:
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
     start = time.time()
     try:
         return (*eval_returns(da.main(da.Args(**{**CATCH_ARGS, **overrides}))), time.time() - start)
@@ -108,8 +108,9 @@ class LearningRuns:
         torch.set_num_threads(1)
 
     def log_tail(self, name: str, lines: int = 12) -> str:
-        with open(os.path.join(self.folder, name, "train.log")) as f:
-            return "".join(f.readlines()[-lines:])
+        path = os.path.join(self.folder, name, "train.log")
+        with open(path) as f:
+            return f"the end of {path} (kept):\n" + "".join(f.readlines()[-lines:])
 
     def summary(self) -> list[str]:
         """One line per finished run, for the end of pytest's report (so that CI logs keep the scores)."""
@@ -121,11 +122,11 @@ class LearningRuns:
                              f"bar {RUNS[name][2]:.2f}, {seconds:.0f} s")
         return lines
 
-    def stop(self):
-        """End of the session: stop runs still training (after -x or Ctrl-C); keep the folder only if a run failed."""
+    def stop(self, keep: bool):
+        """End of the session: stop runs still training (after -x or Ctrl-C); the folder goes unless `keep`."""
         self.pool.terminate()
         self.pool.join()
-        if all(r.ready() and r.successful() for r in self.results.values()):
+        if not keep:
             shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -136,4 +137,4 @@ def test_learns(learning_runs, name):
     assert len(returns) == 100 and all(math.isfinite(r) for r in returns)
     assert abs(random_mean - random_return) < 0.25  # the baseline played on the same seeds
     assert np.mean(returns) >= threshold, (f"{name}: greedy return {np.mean(returns):.2f} (random {random_mean:.2f});"
-                                           f" the end of its log:\n{learning_runs.log_tail(name)}")
+                                           f" {learning_runs.log_tail(name)}")
