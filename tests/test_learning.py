@@ -19,7 +19,7 @@ Measured on the development machine (2 CPU cores; seed 1 runs here), with `--siz
   README "MinAtar" has the command). With the actor objective flipped 0.00, with the Barlow Twins term cut
   (--bt-scale 0) 0.45: both fail.
 - v3 with the decoder on Catch, 8,000 policy steps: 0.70, 0.40, 0.96 for seeds 1-3 (random -0.80, -0.74, -0.78;
-  `python tests/bench_tasks.py --task catch --variants v3`); seed 1 scored 1.00 on 2026-12-04, after the fused Adam.
+  `python tests/bench_tasks.py --task catch --variants v3`); 1.00, 0.88, 0.96 on 2026-12-04, after the fused Adam.
   With its actor objective's sign flipped (edited by hand, the entropy bonus kept) seed 1 scores -1.00: it fails.
 - Not in CI, for the time they take: decoder-free on Cue (8,000 steps: 0.88, 0.96, 0.88, random -0.36, -0.32,
   -0.40; fails with the actor flipped, -0.96, and with the Barlow Twins term cut, -0.38; it was a CI test until v3
