@@ -49,13 +49,19 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: item.path.name == "test_learning.py")
 
 
-def pytest_collection_finish(session):
-    """Start the selected learning runs (tests/test_learning.py) as soon as they are collected rather than when
-    their tests come up, so that they train while the unit tests run."""
+def start_learning_runs(session):
     names = [item.callspec.params["name"] for item in session.items if item.path.name == "test_learning.py"]
-    if names and not session.config.option.collectonly:
+    if names and LEARNING_RUNS not in session.config.stash:
         from tests.test_learning import LearningRuns
         session.config.stash[LEARNING_RUNS] = LearningRuns(names)
+
+
+def pytest_collection_finish(session):
+    """Start the selected learning runs (tests/test_learning.py) as soon as they are collected rather than when
+    their tests come up, so that they train while the unit tests run. Not in a pytest-xdist worker, which collects
+    every test and runs a share: there the `learning_runs` fixture starts them if the worker gets a learning test."""
+    if not session.config.option.collectonly and not hasattr(session.config, "workerinput"):
+        start_learning_runs(session)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -72,6 +78,7 @@ def pytest_terminal_summary(terminalreporter, config):
 
 @pytest.fixture(scope="session")
 def learning_runs(request):
+    start_learning_runs(request.session)
     return request.config.stash[LEARNING_RUNS]
 
 
