@@ -251,7 +251,7 @@ def test_replay_value_loss_is_the_critic_loss_on_hand_computed_replay_returns(ti
             else:  # the step from z_t earns r_{t+1}; z_{t+1}'s flags decide
                 returns.append(reward[b][t + 1] + gamma * keep[t + 1] * ((1 - lam) * c + lam * returns[-1]))
         expected.append(returns[:0:-1])  # R_0 .. R_6
-    target = torch.tensor(expected).T  # (T-1, B)
+    target = torch.tensor(expected).T.contiguous()  # (T-1, B)
     if preset == "v2":
         want = (0.5 * (c - target) ** 2).mean()
     else:
