@@ -6,9 +6,9 @@
 # checks: tests/bench_speed.py for v2, decoder-free, v3, v1, small and tiny with --amp's bf16 autocast (the default)
 #   and v2 and decoder-free in float32 (--no-amp); --compile at tiny and small sizes; a 50-second run of the README's
 #   command stopped with Ctrl-C; the suite without the learning tests on the GPU.
-# boxing (about 9 minutes if the runs share the GPU well; not measured yet): tests/bench_learning.py on Boxing at its
-#   40,000-step budget, the decoder (v2) and the decoder-free preset on seeds 1-3, six processes at once, one thread
-#   each.
+# boxing (not measured yet whether it fits): tests/bench_learning.py on Boxing at its 40,000-step budget, each of
+#   PRESETS (default: v2 decoder-free v3) on seeds 1-3, all at once (9 processes), one thread each; a run stopped
+#   by the budget checkpoints (SIGTERM) and continues with `--resume` (its command is in its output file).
 # Each step's output goes to OUTPUT_FOLDER (default gpu_check/) as one file per kind of step, and a summary to log.txt;
 # a step is skipped when fewer seconds are left of BUDGET (default 520; boxing: 580, after which its runs are stopped)
 # than it needs, so that either mode ends within 10 minutes.
@@ -54,7 +54,7 @@ if [ "$mode" = checks ]; then
         step speed_fp32_$config 60 25 python3 tests/bench_speed.py --configs $config --updates 10 --prefill 1000 --no-amp
     done
 else
-    for preset in v2 decoder-free; do
+    for preset in ${PRESETS:-v2 decoder-free v3}; do
         for seed in 1 2 3; do
             OMP_NUM_THREADS=1 timeout -k 5 $((BUDGET - SECONDS)) python3 tests/bench_learning.py --env Boxing \
                 --total-steps 40000 --preset $preset --seed $seed --threads 1 >"$out/boxing_${preset}_$seed.txt" 2>&1 &
