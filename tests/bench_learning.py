@@ -4,7 +4,9 @@
 
 Runs `dreamer_atari.main` with CPU-sized defaults (below; any flag you pass overrides them), which ends with
 --eval-episodes greedy-policy episodes and as many random-policy episodes on the same seeds. Prints both means,
-the TensorBoard run they came from and the command that reproduces them.
+the TensorBoard run they came from and the command that reproduces them. A run stopped by Ctrl-C or SIGTERM before
+its evaluation writes a checkpoint; the same command with `--resume runs/RUN/dreamer_atari.cleanrl_model` added
+continues it (one Boxing run can take longer than a CPU session).
 """
 
 import os
@@ -34,6 +36,9 @@ def main(argv):
     acc = EventAccumulator(os.path.join("runs", run_name))
     acc.Reload()
     mean = lambda tag: np.mean([e.value for e in acc.Scalars(tag)]) if tag in acc.Tags()["scalars"] else float("nan")
+    if "eval/episodic_return" not in acc.Tags()["scalars"]:  # stopped before its evaluation (Ctrl-C, SIGTERM)
+        sys.exit(f"no evaluation in runs/{run_name}: the run stopped before it; its last lines above say how to "
+                 f"continue it (add the same flags to this script's command)")
     returns = [e.value for e in acc.Scalars("eval/episodic_return")]
     print(f"RESULT {args.env}: {args.total_steps:,} policy steps; greedy policy {np.mean(returns):.1f} "
           f"+- {np.std(returns):.1f} over {len(returns)} episodes; random policy {mean('eval/random_mean_return'):.1f}")
