@@ -1010,6 +1010,15 @@ class WorldModel(nn.Module):
             cont_target = self.args.gamma * (1.0 - batch["terminated"].float())
         return reward, F.binary_cross_entropy_with_logits(self.cont_head(feat).squeeze(-1).float(), cont_target)
 
+    def constant_reward_loss(self, reward: torch.Tensor) -> torch.Tensor:
+        """The reward loss of the best constant prediction for this batch (v1/v2: half the variance of tanh(reward);
+        v3: the entropy of the batch's mean two-hot target). A reward loss at this level means the head has learned
+        how often rewards come, nothing about when: imagination then carries no reward for the actor to follow."""
+        if self.v3:
+            mean = twohot(symlog(reward.float()), twohot_bins(reward.device)).flatten(0, -2).mean(0)
+            return -torch.special.xlogy(mean, mean).sum()
+        return 0.5 * torch.tanh(reward.float()).var(unbiased=False)
+
     def loss(self, batch: dict[str, torch.Tensor], state):
         """Image log-likelihood (or the scaled Barlow Twins loss), reward and continue losses (`head_losses`; with
         --heads-on-prior once more on the prior's features), the continue term scaled by --cont-scale, and the
@@ -1028,8 +1037,10 @@ class WorldModel(nn.Module):
             metrics.update({"losses/reward_prior": reward_prior, "losses/continue_prior": cont_prior})
         kl, kl_value = kl_loss(self.rssm, post, prior, args.kl_balance, args.free_nats, args.free_nats_per_step)
         loss = representation + reward + args.cont_scale * cont + args.kl_scale * kl
-        metrics.update({"losses/world_model": loss, "losses/reward": reward, "losses/continue": cont,
-                        "losses/kl": kl, "world/kl": kl_value, "world/prior_entropy": self.rssm.entropy(prior).mean(),
+        constant = self.constant_reward_loss(batch["reward"]) * (2 if args.heads_on_prior else 1)  # as `reward`
+        metrics.update({"losses/world_model": loss, "losses/reward": reward, "losses/reward_constant": constant,
+                        "losses/continue": cont, "losses/kl": kl, "world/kl": kl_value,
+                        "world/prior_entropy": self.rssm.entropy(prior).mean(),
                         "world/post_entropy": self.rssm.entropy(post).mean()})
         return loss, h, z, last, metrics
 

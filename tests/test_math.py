@@ -267,3 +267,24 @@ def test_replay_value_loss_joins_the_world_model_update_only_when_asked(tiny_arg
         metrics = agent.train_step(random_batch(terminal_rate=0.2))
         assert ("losses/replay_value" in metrics) == (scale > 0)
         assert all(math.isfinite(v) for v in metrics.values())
+
+
+@pytest.mark.parametrize("preset", ["v2", "v3"])
+def test_constant_reward_loss_is_the_reward_loss_of_the_best_constant_prediction(tiny_args, preset):
+    """losses/reward_constant: no constant prediction of the batch's rewards scores a lower reward loss, and the best
+    one scores it exactly (v2: the mean of tanh(r); v3: the mean two-hot target as the head's distribution)."""
+    torch.manual_seed(0)
+    wm = da.WorldModel(da.validate(tiny_args(preset=preset)), (1, 64, 64), 3)
+    reward = torch.tensor([[0.0, 1.0, 0.0, -1.0], [0.0, 0.0, 2.0, 0.0]])
+    constant = wm.constant_reward_loss(reward)
+    if preset == "v2":
+        loss = lambda c: 0.5 * (c - torch.tanh(reward)).pow(2).mean()  # noqa: E731 (head_losses' v2 reward term)
+        best = torch.tanh(reward).mean()
+    else:
+        loss = lambda c: da.twohot_nll(c.expand(*reward.shape, -1), reward).mean()  # noqa: E731
+        best = da.twohot(da.symlog(reward), da.twohot_bins("cpu")).flatten(0, 1).mean(0).clamp(min=1e-30).log()
+    torch.testing.assert_close(loss(best), constant)
+    for shift in [0.1, -0.3]:
+        worse = best + shift * torch.randn(best.shape) if preset == "v3" else best + shift
+        assert loss(worse) > constant
+    assert constant > 0 and wm.constant_reward_loss(torch.zeros(2, 4)) == 0
