@@ -271,18 +271,24 @@ def test_replay_value_loss_joins_the_world_model_update_only_when_asked(tiny_arg
 
 @pytest.mark.parametrize("preset", ["v2", "v3"])
 def test_constant_reward_loss_is_the_reward_loss_of_the_best_constant_prediction(tiny_args, preset):
-    """losses/reward_constant: no constant prediction of the batch's rewards scores a lower reward loss, and the best
-    one scores it exactly (v2: the mean of tanh(r); v3: the mean two-hot target as the head's distribution)."""
+    """losses/reward_constant: a reward head that outputs one constant scores no lower reward loss (`head_losses`)
+    than it, and the best constant scores it exactly (v2: the mean of tanh(r); v3: the mean two-hot target)."""
     torch.manual_seed(0)
     wm = da.WorldModel(da.validate(tiny_args(preset=preset)), (1, 64, 64), 3)
-    reward = torch.tensor([[0.0, 1.0, 0.0, -1.0], [0.0, 0.0, 2.0, 0.0]])
-    constant = wm.constant_reward_loss(reward)
+    batch = dict(reward=torch.tensor([[0.0, 1.0, 0.0, -1.0], [0.0, 0.0, 2.0, 0.0]]), terminated=torch.zeros(2, 4))
+    feat = torch.randn(2, 4, wm.rssm.feat_dim)
+    out = wm.reward_head[-1]
+
+    def loss(c):  # the reward loss of a head whose output is the constant c (its last layer's bias alone)
+        with torch.no_grad():
+            out.weight.zero_(), out.bias.copy_(c)
+        return wm.head_losses(feat, batch)[0].detach()
+
+    constant = wm.constant_reward_loss(batch["reward"])
     if preset == "v2":
-        loss = lambda c: 0.5 * (c - torch.tanh(reward)).pow(2).mean()  # noqa: E731 (head_losses' v2 reward term)
-        best = torch.tanh(reward).mean()
+        best = torch.tanh(batch["reward"]).mean()
     else:
-        loss = lambda c: da.twohot_nll(c.expand(*reward.shape, -1), reward).mean()  # noqa: E731
-        best = da.twohot(da.symlog(reward), da.twohot_bins("cpu")).flatten(0, 1).mean(0).clamp(min=1e-30).log()
+        best = da.twohot(da.symlog(batch["reward"]), da.twohot_bins("cpu")).flatten(0, 1).mean(0).clamp(min=1e-30).log()
     torch.testing.assert_close(loss(best), constant)
     for shift in [0.1, -0.3]:
         worse = best + shift * torch.randn(best.shape) if preset == "v3" else best + shift
