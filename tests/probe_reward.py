@@ -9,8 +9,10 @@ there), then filters 3,000 held-out random steps (seed 2) and reads the reward h
 - from the posterior (the frame seen), and
 - after k = 1, 5, 15 imagined steps from the posterior k steps earlier, with the actions that were taken: what the
   actor's imagination has.
-For each it prints R^2 against the training target tanh(r) (0: no better than the held-out mean; negative: worse)
-and the mean prediction on steps with a positive, a negative and no reward. v1/v2 heads only (tanh reward).
+For each it prints R^2 against what the head predicts, tanh(r) (v1, v2, decoder-free) or r itself (v3's two-hot
+head) (0: no better than the held-out mean; negative: worse), and the mean prediction on steps with a positive, a
+negative and no reward; for the posterior also the held-out reward loss against `losses/reward_constant`, the loss
+of the best constant prediction on the same steps (a head at that level knows how often rewards come, not when).
 """
 
 import os
@@ -48,8 +50,8 @@ def play(args: da.Args, seed: int, steps: int) -> tuple[dict[str, np.ndarray], i
     return {k: np.array(v) for k, v in out.items()}, actions
 
 
-def report(name: str, pred: np.ndarray, reward: np.ndarray):
-    target = np.tanh(reward)
+def report(name: str, pred: np.ndarray, reward: np.ndarray, v3: bool):
+    target = reward if v3 else np.tanh(reward)
     r2 = 1 - np.mean((pred - target) ** 2) / np.var(target)
     print(f"{name:16s} R^2 {r2:+.3f} | mean prediction: reward > 0 {pred[reward > 0].mean():+.3f} "
           f"({(reward > 0).sum()} steps), < 0 {pred[reward < 0].mean():+.3f} ({(reward < 0).sum()}), "
@@ -64,7 +66,11 @@ def evaluate(wm: da.WorldModel, data: dict[str, np.ndarray], horizons=(1, 5, 15)
     first = torch.as_tensor(data["is_first"])
     h, z, *_ = wm.rssm.observe(embed, action[None], first[None], wm.rssm.initial(1, obs.device))
     h, z, reward = h[0], z[0], data["reward"]
-    report("posterior", wm.predict_reward(wm.rssm.feat(h, z)).numpy(), reward)
+    feat = wm.rssm.feat(h, z)
+    report("posterior", wm.predict_reward(feat).numpy(), reward, wm.v3)
+    targets = {k: torch.as_tensor(data[k])[None] for k in ["reward", "terminated"]}
+    print(f"{'':16s} reward loss {wm.head_losses(feat[None], targets)[0].item():.4f}, the best constant's "
+          f"{wm.constant_reward_loss(targets['reward']).item():.4f}")
     n = len(reward)
     for k in horizons:  # from the posterior at t - k, k prior steps with the actions taken, to t
         hk, zk, crossed = h[: n - k], z[: n - k], torch.zeros(n - k, dtype=torch.bool)
@@ -73,7 +79,7 @@ def evaluate(wm: da.WorldModel, data: dict[str, np.ndarray], horizons=(1, 5, 15)
             crossed |= first[j: n - k + j]  # an episode began on the way: the rollout cannot know that
         keep = ~crossed.numpy()
         report(f"prior, {k} step{'s' if k > 1 else ''}", wm.predict_reward(wm.rssm.feat(hk, zk)).numpy()[keep],
-               reward[k:][keep])
+               reward[k:][keep], wm.v3)
 
 
 def main(argv: list[str]):
@@ -81,8 +87,6 @@ def main(argv: list[str]):
     steps, argv = pop_option(argv, "--steps", "20000")
     argv = CPU_DEFAULTS + argv
     args = da.validate(tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv)))
-    if args.preset == "v3":
-        sys.exit("error: --preset v3: its two-hot reward head is not read here (v1, v2 and decoder-free only)")
     da.set_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.time()
@@ -104,7 +108,7 @@ def main(argv: list[str]):
             print(f"update {update:,} ({time.time() - start:.0f} s): "
                   + ", ".join(f"{k.split('/')[1]} {np.mean([m[k] for m in window]):.4f}" for k in shown))
             window = []
-    print("held-out random play (seed 2, 3,000 steps), reward head against tanh(reward):")
+    print(f"held-out random play (seed 2, 3,000 steps), reward head against {'reward' if wm.v3 else 'tanh(reward)'}:")
     evaluate(wm, held_out)
     print(f"command: python tests/probe_reward.py {' '.join(sys.argv[1:])}")
 
