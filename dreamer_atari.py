@@ -137,6 +137,10 @@ class Args:
     """weight of the Barlow Twins redundancy (off-diagonal) term"""
     bt_scale: float = 0.05
     """weight of the Barlow Twins loss in the world-model loss"""
+    decoder_norm: bool = None  # type: ignore[assignment]
+    """LayerNorm + SiLU after each of the decoder's hidden conv layers (DreamerV3's decoder; on with --preset v3);
+    off: DreamerV2's decoder (ELU, no norm). Only the decoder: the encoder and MLPs follow the preset. On Boxing at
+    tests/bench_learning.py's sizes v3's normed decoder left the posterior almost uniform (README "v3")"""
     probe_decoder: bool = False
     """train a separate decoder on detached latent features (it never trains the world model) and log its images"""
     discrete_latents: bool = None  # type: ignore[assignment]
@@ -242,7 +246,7 @@ class Args:
 SHARED = dict(classes=32, mlp_units=400, mlp_layers=4, batch_size=16, seq_len=50, horizon=15, train_every=16,
               entropy=1e-3, slow_critic_every=100, slow_critic_fraction=1.0, free_nats_per_step=False, unimix=0.0,
               cont_scale=5.0, model_grad_clip=100.0, model_eps=1e-5, weight_decay=1e-6,
-              heads_on_prior=False)  # DreamerV2's Atari settings
+              heads_on_prior=False, decoder_norm=False)  # DreamerV2's Atari settings
 PRESETS = {
     "v2": dict(SHARED, wm_objective="decoder", discrete_latents=True, kl_balance=0.8, kl_scale=0.1, free_nats=0.0,
                deter_size=600, hidden_size=600, stoch_size=32, cnn_depth=48, lr_model=2e-4, lr_actor=4e-5,
@@ -259,7 +263,7 @@ PRESETS["v3"] = dict(wm_objective="decoder", discrete_latents=True, kl_balance=5
                      cnn_depth=32, mlp_units=512, mlp_layers=2, batch_size=16, seq_len=64, horizon=15, train_every=16,
                      lr_model=1e-4, lr_actor=3e-5, lr_critic=3e-5, model_eps=1e-8, model_grad_clip=1000.0,
                      weight_decay=0.0, gamma=1 - 1 / 333, entropy=3e-4, slow_critic_every=1,
-                     slow_critic_fraction=0.02, cont_scale=1.0, heads_on_prior=False)
+                     slow_critic_fraction=0.02, cont_scale=1.0, heads_on_prior=False, decoder_norm=True)
 PROTOCOLS = {
     "dreamerv2": dict(sticky_actions=0.25, total_steps=1_000_000, eval_episodes=10),
     "atari100k": dict(sticky_actions=0.0, total_steps=100_000, train_ratio=256.0, eval_episodes=100),
@@ -985,7 +989,7 @@ class WorldModel(nn.Module):
                          args.classes, args.discrete_latents, norm=self.v3, unimix=args.unimix)
         feat = self.rssm.feat_dim
         if args.wm_objective == "decoder":
-            self.decoder, self.bt_proj = ConvDecoder(feat, obs_shape[0], args.cnn_depth, norm=self.v3), None
+            self.decoder, self.bt_proj = ConvDecoder(feat, obs_shape[0], args.cnn_depth, norm=args.decoder_norm), None
         else:  # no decoder parameters, no decoder compute: a linear projection of latent features instead
             cells = obs_shape[0] * (FRAME // CELL) ** 2
             self.decoder, self.bt_proj = None, nn.Linear(feat, cells)
@@ -1316,7 +1320,7 @@ class Dreamer(nn.Module):
         self.args, self.device, self.action_dim = args, device, action_dim
         self.wm = WorldModel(args, obs_shape, action_dim)
         self.ac = ActorCritic(args, self.wm.rssm.feat_dim, action_dim)
-        self.probe = ConvDecoder(self.wm.rssm.feat_dim, obs_shape[0], args.cnn_depth, norm=self.wm.v3) \
+        self.probe = ConvDecoder(self.wm.rssm.feat_dim, obs_shape[0], args.cnn_depth, norm=args.decoder_norm) \
             if args.probe_decoder else None
         self.to(device)
         if self.probe is not None:
@@ -1403,7 +1407,7 @@ def log_progress(args, writer, step, updates, trained_steps, frames_per_step, wi
 
 CHECKPOINT_FORMAT = "dreamer_atari/1"
 ARCHITECTURE = ["env", "preset", "wm_objective", "discrete_latents", "deter_size", "hidden_size", "stoch_size",
-                "classes", "cnn_depth", "mlp_units", "mlp_layers", "probe_decoder"]
+                "classes", "cnn_depth", "mlp_units", "mlp_layers", "probe_decoder", "decoder_norm"]
 
 
 def save_checkpoint(path: str, agent: Dreamer, args: Args, counters: dict, extra: dict | None = None):
@@ -1550,9 +1554,11 @@ def restore(agent: Dreamer, state: dict, flag: str):
 def load_resume(args: Args) -> dict:
     """--resume: the checkpoint, after checking that it fits this command's sizes and step budget."""
     state = load_checkpoint(args.resume, "--resume")
+    # a field added since the checkpoint was written reads as its preset's value, as cli_defaults gave this run
+    saved = apply_preset(Args(**{k: v for k, v in state["args"].items() if k in Args.__dataclass_fields__}))
     for key in ARCHITECTURE:
-        if state["args"].get(key) != getattr(args, key):
-            fail("--resume", f"the checkpoint was trained with --{key.replace('_', '-')} {state['args'].get(key)}, "
+        if getattr(saved, key) != getattr(args, key):
+            fail("--resume", f"the checkpoint was trained with --{key.replace('_', '-')} {getattr(saved, key)}, "
                              f"this run has {getattr(args, key)}")
     if state["counters"]["global_step"] >= args.total_steps:
         fail("--total-steps", f"must exceed the checkpoint's step {state['counters']['global_step']:,}")

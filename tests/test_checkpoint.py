@@ -88,12 +88,23 @@ def test_resume_without_its_replay_is_one_line_unless_accepted(tiny_args, capsys
 
 def test_resume_with_other_sizes_or_preset_is_one_clear_line(tiny_args, capsys):
     path, _ = trained_checkpoint(tiny_args)
-    for overrides, flag in [(dict(deter_size=64), "--deter-size"), (dict(preset="v1"), "--preset")]:
+    for overrides, flag in [(dict(deter_size=64), "--deter-size"), (dict(preset="v1"), "--preset"),
+                            (dict(decoder_norm=True), "--decoder-norm")]:
         with pytest.raises(SystemExit) as exit_info:
             da.main(tiny_args(resume=path, **{**SHORT, "total_steps": 480, **overrides}))
         err = capsys.readouterr().err.strip()
         assert exit_info.value.code == 2 and len(err.splitlines()) == 1
         assert err.startswith("error: --resume:") and flag in err
+
+
+def test_a_checkpoint_from_before_a_new_architecture_flag_resumes_with_its_preset_value(tiny_args):
+    path, _ = trained_checkpoint(tiny_args, preset="v3")
+    state = torch.load(path, weights_only=True)
+    del state["args"]["decoder_norm"]  # written before --decoder-norm existed
+    torch.save(state, path)
+    run_name = da.main(tiny_args(resume=path, preset="v3", save_model=True, **{**SHORT, "total_steps": 300}))
+    resumed = torch.load(os.path.join("runs", run_name, "dreamer_atari.cleanrl_model"), weights_only=True)
+    assert resumed["counters"]["global_step"] == 300 and resumed["args"]["decoder_norm"] is True
 
 
 def test_foreign_and_tampered_files_fail_safely(tiny_args, capsys, tmp_path):

@@ -105,6 +105,18 @@ def test_v3_heads_start_at_zero_and_the_slow_critic_is_a_moving_average(tiny_arg
         assert torch.allclose(slow, 0.98 * old + 0.02 * fast)
 
 
+def test_no_decoder_norm_gives_v3_dreamerv2s_decoder_and_keeps_the_other_norms(tiny_args):
+    plain = v3_agent(tiny_args, decoder_norm=False)
+    assert not any(isinstance(m, (torch.nn.LayerNorm, torch.nn.SiLU)) for m in plain.wm.decoder.modules())
+    assert any(isinstance(m, torch.nn.ELU) for m in plain.wm.decoder.modules())
+    assert any(isinstance(m, da.ChannelNorm) for m in plain.wm.encoder.modules())
+    assert any(isinstance(m, torch.nn.LayerNorm) for m in plain.wm.rssm.modules())
+    assert any(isinstance(m, da.ChannelNorm) for m in v3_agent(tiny_args).wm.decoder.modules())
+    v2 = da.Dreamer(da.validate(tiny_args(decoder_norm=True)), (1, 64, 64), 3, torch.device("cpu"))
+    assert any(isinstance(m, da.ChannelNorm) for m in v2.wm.decoder.modules())
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in v2.wm.encoder.modules())
+
+
 @pytest.mark.parametrize("objective", ["decoder", "barlow"])
 def test_v3_trains_end_to_end_and_its_return_range_is_checkpointed(tiny_args, objective):
     run_name = da.main(tiny_args(preset="v3", wm_objective=objective, total_steps=240, max_episode_frames=400,
