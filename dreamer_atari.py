@@ -312,6 +312,11 @@ def apply_preset(args: Args) -> Args:
     return dataclasses.replace(args, **fill)
 
 
+def known_fields(saved: dict) -> dict:
+    """A checkpoint's saved args less the fields this version no longer has (fields added since stay unset)."""
+    return {k: v for k, v in saved.items() if k in Args.__dataclass_fields__}
+
+
 def cli_defaults(argv: list[str]) -> Args:
     """Defaults for tyro, resolved from the --preset, --size and --protocol found in argv, so that --help shows the
     real values; a --train-every or --train-ratio found there keeps the other one unset. With --resume the
@@ -335,7 +340,7 @@ def cli_defaults(argv: list[str]) -> Args:
     saved = load_checkpoint(chosen["resume"], "--resume")["args"] if chosen.get("resume") else {}
     own = ["resume", "resume_without_replay", "eval_checkpoint", "eval_gif"]
     own += ["train_every", "train_ratio"] if {"train_every", "train_ratio"} & set(chosen) else []
-    saved = {k: v for k, v in saved.items() if k in Args.__dataclass_fields__ and k not in own}
+    saved = {k: v for k, v in known_fields(saved).items() if k not in own}
     return apply_preset(Args(**{**saved, **chosen}))
 
 
@@ -1555,7 +1560,7 @@ def load_resume(args: Args) -> dict:
     """--resume: the checkpoint, after checking that it fits this command's sizes and step budget."""
     state = load_checkpoint(args.resume, "--resume")
     # a field added since the checkpoint was written reads as its preset's value, as cli_defaults gave this run
-    saved = apply_preset(Args(**{k: v for k, v in state["args"].items() if k in Args.__dataclass_fields__}))
+    saved = apply_preset(Args(**known_fields(state["args"])))
     for key in ARCHITECTURE:
         if getattr(saved, key) != getattr(args, key):
             fail("--resume", f"the checkpoint was trained with --{key.replace('_', '-')} {getattr(saved, key)}, "
@@ -1741,8 +1746,8 @@ def agent_from_checkpoint(path: str, flag: str, **keep) -> tuple[Args, Dreamer, 
     """Rebuild the agent a checkpoint holds, with the checkpoint's own args (game, preset, sizes) except `keep`.
     Returns (args, agent, checkpoint)."""
     state = load_checkpoint(path, flag)
-    saved = {k: v for k, v in state["args"].items() if k in Args.__dataclass_fields__}
-    args = validate(dataclasses.replace(Args(**saved), **keep, resume=None, track=False, capture_video=False))
+    args = validate(dataclasses.replace(Args(**known_fields(state["args"])), **keep, resume=None, track=False,
+                                        capture_video=False))
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     envs, _ = make_envs(args, args.seed)
     obs_shape, action_dim = to_chw(envs.reset(seed=args.seed)[0]).shape[1:], int(envs.single_action_space.n)

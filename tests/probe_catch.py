@@ -37,7 +37,7 @@ def explained(x: np.ndarray, target: np.ndarray) -> float:
 @torch.no_grad()
 def main(path: str):
     state = da.load_checkpoint(path, "checkpoint")
-    args = da.validate(da.Args(**{k: v for k, v in state["args"].items() if k in da.Args.__dataclass_fields__}))
+    args = da.validate(da.Args(**da.known_fields(state["args"])))
     agent = da.Dreamer(args, (1, 64, 64), 3, torch.device("cpu"))
     da.restore(agent, state, "checkpoint")
     env, rng, rssm = catch.Catch(), np.random.default_rng(0), agent.wm.rssm
