@@ -138,11 +138,10 @@ class Args:
     bt_scale: float = 0.05
     """weight of the Barlow Twins loss in the world-model loss"""
     decoder_norm: bool = None  # type: ignore[assignment]
-    """LayerNorm + SiLU after each of the decoder's hidden conv layers (DreamerV3's decoder; on with --preset v3);
-    off: DreamerV2's decoder (ELU, no norm). Only the decoder: the encoder and MLPs follow the preset. On Boxing at
-    tests/bench_learning.py's sizes v3's normed decoder left the posterior almost uniform and v3 did not learn;
-    with --no-decoder-norm it learned Catch (seeds 1-3) and Boxing (seed 2; seed 1 with sampled actions only;
-    README "Does it learn?")"""
+    """LayerNorm + SiLU after each of the decoder's hidden conv layers (DreamerV3's decoder); off: DreamerV2's
+    decoder (ELU, no norm), the default of every preset. Only the decoder: the encoder and MLPs follow the preset.
+    With the norm v3 left its posterior almost uniform and did not learn Boxing (seeds 1-3, tests/bench_learning.py's
+    sizes); without it it learned Boxing and Catch (README "Does it learn?")"""
     probe_decoder: bool = False
     """train a separate decoder on detached latent features (it never trains the world model) and log its images"""
     discrete_latents: bool = None  # type: ignore[assignment]
@@ -258,14 +257,15 @@ PRESETS = {
                lr_critic=8e-5, gamma=0.99),
 }
 PRESETS["decoder-free"] = dict(PRESETS["v2"], wm_objective="barlow")
-# DreamerV3 as in its released configs of early 2023 (size `small`: deter 512, units 512, depth 32, 2 layers). Its
-# KL, 0.5 KL[sg(q) || p] + 0.1 KL[q || sg(p)], is scale 0.6 with balance 5/6 here.
+# DreamerV3 as in its released configs of early 2023 (size `small`: deter 512, units 512, depth 32, 2 layers), but
+# for the decoder: DreamerV2's, without V3's norm (--decoder-norm says why). Its KL, 0.5 KL[sg(q) || p] + 0.1
+# KL[q || sg(p)], is scale 0.6 with balance 5/6 here.
 PRESETS["v3"] = dict(wm_objective="decoder", discrete_latents=True, kl_balance=5 / 6, kl_scale=0.6, free_nats=1.0,
                      free_nats_per_step=True, unimix=0.01, deter_size=512, hidden_size=512, stoch_size=32, classes=32,
                      cnn_depth=32, mlp_units=512, mlp_layers=2, batch_size=16, seq_len=64, horizon=15, train_every=16,
                      lr_model=1e-4, lr_actor=3e-5, lr_critic=3e-5, model_eps=1e-8, model_grad_clip=1000.0,
                      weight_decay=0.0, gamma=1 - 1 / 333, entropy=3e-4, slow_critic_every=1,
-                     slow_critic_fraction=0.02, cont_scale=1.0, heads_on_prior=False, decoder_norm=True)
+                     slow_critic_fraction=0.02, cont_scale=1.0, heads_on_prior=False, decoder_norm=False)
 PROTOCOLS = {
     "dreamerv2": dict(sticky_actions=0.25, total_steps=1_000_000, eval_episodes=10),
     "atari100k": dict(sticky_actions=0.0, total_steps=100_000, train_ratio=256.0, eval_episodes=100),
@@ -315,8 +315,13 @@ def apply_preset(args: Args) -> Args:
 
 
 def known_fields(saved: dict) -> dict:
-    """A checkpoint's saved args less the fields this version no longer has (fields added since stay unset)."""
-    return {k: v for k, v in saved.items() if k in Args.__dataclass_fields__}
+    """A checkpoint's saved args less the fields this version no longer has. Fields added since stay unset (they
+    take their preset's value), but for --decoder-norm: before it existed v3's decoder had the norm, which v3 has
+    no longer by default."""
+    fields = {k: v for k, v in saved.items() if k in Args.__dataclass_fields__}
+    if "decoder_norm" not in saved:
+        fields["decoder_norm"] = saved.get("preset") == "v3"
+    return fields
 
 
 def cli_defaults(argv: list[str]) -> Args:

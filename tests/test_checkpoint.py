@@ -97,14 +97,17 @@ def test_resume_with_other_sizes_or_preset_is_one_clear_line(tiny_args, capsys):
         assert err.startswith("error: --resume:") and flag in err
 
 
-def test_a_checkpoint_from_before_a_new_architecture_flag_resumes_with_its_preset_value(tiny_args):
-    path, _ = trained_checkpoint(tiny_args, preset="v3")
+def test_a_v3_checkpoint_from_before_decoder_norm_existed_resumes_with_the_norm_it_had(tiny_args):
+    path, _ = trained_checkpoint(tiny_args, preset="v3", decoder_norm=True)  # v3's decoder then
     state = torch.load(path, weights_only=True)
     del state["args"]["decoder_norm"]  # written before --decoder-norm existed
     torch.save(state, path)
-    run_name = da.main(tiny_args(resume=path, preset="v3", save_model=True, **{**SHORT, "total_steps": 300}))
+    assert da.cli_defaults(["--resume", path]).decoder_norm is True  # `--resume PATH` alone keeps the norm
+    run_name = da.main(tiny_args(resume=path, preset="v3", decoder_norm=True, save_model=True,
+                                 **{**SHORT, "total_steps": 300}))
     resumed = torch.load(os.path.join("runs", run_name, "dreamer_atari.cleanrl_model"), weights_only=True)
     assert resumed["counters"]["global_step"] == 300 and resumed["args"]["decoder_norm"] is True
+    assert da.known_fields({"preset": "v2"})["decoder_norm"] is False
 
 
 def test_foreign_and_tampered_files_fail_safely(tiny_args, capsys, tmp_path):

@@ -6,9 +6,9 @@ policy averages at least -0.25 over 100 evaluation episodes, that is, catches 3 
 policy (37.5% against 12.5%), 8 standard errors above the random mean. MinAtar Breakout: a random policy scores
 0.37 +- 0.67 over the 100 evaluation episodes of seed 1; the test passes at 0.75, twice that, 6 standard errors
 above it. The runs train side by side, each on its own core with one thread, in a pool that starts as soon as
-pytest has collected them (`LearningRuns`), longest first, while the unit tests run (v3 on Catch about 17 minutes
-of a core on the slower development machine of 2026-12-04; on the earlier one v2 on Catch about 7 minutes, MinAtar
-5); each test waits for its own run.
+pytest has collected them (`LearningRuns`), longest first, while the unit tests run (v3 on Catch 17-24 minutes of
+a core on the slower development machines of 2026-12-04 and -05; on the earlier one v2 on Catch about 7 minutes,
+MinAtar 5); each test waits for its own run.
 
 Measured on the development machine (2 CPU cores; seed 1 runs here), with `--size small` as it is now (gamma
 0.95, entropy 5e-2; the heads on the prior with the decoder only; see README "Does it learn?"):
@@ -18,9 +18,11 @@ Measured on the development machine (2 CPU cores; seed 1 runs here), with `--siz
 - decoder-free on MinAtar Breakout, 6,000 policy steps: 1.92, 1.24, 2.17 for seeds 1-3 (random 0.37, 0.38, 0.24;
   README "MinAtar" has the command). With the actor objective flipped 0.00, with the Barlow Twins term cut
   (--bt-scale 0) 0.45: both fail.
-- v3 with the decoder on Catch, 8,000 policy steps: 0.70, 0.40, 0.96 for seeds 1-3 (random -0.80, -0.74, -0.78;
-  `python tests/bench_tasks.py --task catch --variants v3`); 1.00, 0.88, 0.96 on 2026-12-04, after the fused Adam.
-  With its actor objective's sign flipped (edited by hand, the entropy bonus kept) seed 1 scores -1.00: it fails.
+- v3 on Catch, 8,000 policy steps, with DreamerV2's decoder as `--preset v3` has it since 2026-12-05: 0.76, 0.98,
+  1.00 for seeds 1-3 (random -0.80, -0.74, -0.78; `python tests/bench_tasks.py --task catch --variants v3`). With
+  its actor objective's sign flipped (edited by hand, the entropy bonus kept) seed 1 scores -1.00: it fails. With
+  DreamerV3's decoder norm (`--set decoder_norm=true`) 0.70, 0.40, 0.96, and 1.00, 0.88, 0.96 after the fused Adam
+  (flipped: -1.00).
 - Not in CI, for the time they take: decoder-free on Cue (8,000 steps: 0.88, 0.96, 0.88, random -0.36, -0.32,
   -0.40; fails with the actor flipped, -0.96, and with the Barlow Twins term cut, -0.38; it was a CI test until v3
   took its place on 2026-12-04), the decoder-free model on Catch (16,000 steps, 10 minutes of a core: 0.82, 0.92,

@@ -95,7 +95,8 @@ def test_v3_heads_start_at_zero_and_the_slow_critic_is_a_moving_average(tiny_arg
     assert agent.wm.predict_reward(feat).abs().max() < 1e-5 and agent.ac.value(agent.ac.critic, feat).abs().max() < 1e-5
     assert any(isinstance(m, torch.nn.LayerNorm) for m in agent.modules())
     assert any(isinstance(m, torch.nn.SiLU) for m in agent.modules())
-    assert not any(isinstance(m, torch.nn.ELU) for m in agent.modules())
+    decoder = set(agent.wm.decoder.modules())  # DreamerV2's decoder, with ELU (--decoder-norm)
+    assert not any(isinstance(m, torch.nn.ELU) for m in agent.modules() if m not in decoder)
     with torch.no_grad():
         for p in agent.ac.critic.parameters():
             p.add_(1.0)
@@ -105,13 +106,14 @@ def test_v3_heads_start_at_zero_and_the_slow_critic_is_a_moving_average(tiny_arg
         assert torch.allclose(slow, 0.98 * old + 0.02 * fast)
 
 
-def test_no_decoder_norm_gives_v3_dreamerv2s_decoder_and_keeps_the_other_norms(tiny_args):
-    plain = v3_agent(tiny_args, decoder_norm=False)
-    assert not any(isinstance(m, (torch.nn.LayerNorm, torch.nn.SiLU)) for m in plain.wm.decoder.modules())
+def test_v3_takes_dreamerv2s_decoder_and_keeps_the_other_norms_unless_decoder_norm(tiny_args):
+    plain = v3_agent(tiny_args)
+    norms = (torch.nn.LayerNorm, da.ChannelNorm, torch.nn.SiLU)
+    assert not any(isinstance(m, norms) for m in plain.wm.decoder.modules())
     assert any(isinstance(m, torch.nn.ELU) for m in plain.wm.decoder.modules())
     assert any(isinstance(m, da.ChannelNorm) for m in plain.wm.encoder.modules())
     assert any(isinstance(m, torch.nn.LayerNorm) for m in plain.wm.rssm.modules())
-    assert any(isinstance(m, da.ChannelNorm) for m in v3_agent(tiny_args).wm.decoder.modules())
+    assert any(isinstance(m, da.ChannelNorm) for m in v3_agent(tiny_args, decoder_norm=True).wm.decoder.modules())
     v2 = da.Dreamer(da.validate(tiny_args(decoder_norm=True)), (1, 64, 64), 3, torch.device("cpu"))
     assert any(isinstance(m, da.ChannelNorm) for m in v2.wm.decoder.modules())
     assert not any(isinstance(m, torch.nn.LayerNorm) for m in v2.wm.encoder.modules())
