@@ -35,13 +35,16 @@ def main(argv):
     run_name = da.main(args)
     acc = EventAccumulator(os.path.join("runs", run_name))
     acc.Reload()
-    mean = lambda tag: np.mean([e.value for e in acc.Scalars(tag)]) if tag in acc.Tags()["scalars"] else float("nan")
-    if "eval/episodic_return" not in acc.Tags()["scalars"]:  # stopped before its evaluation (Ctrl-C, SIGTERM)
+    final = "eval/sampled_mean_return"  # written by the evaluation at the end of a run only, at its last step
+    if final not in acc.Tags()["scalars"] or acc.Scalars(final)[-1].step < args.total_steps:  # Ctrl-C, SIGTERM
         sys.exit(f"no evaluation in runs/{run_name}: the run stopped before it; its last lines above say how to "
                  f"continue it (add the same flags to this script's command)")
-    returns = [e.value for e in acc.Scalars("eval/episodic_return")]
+    # the last evaluation in the folder: a run resumed after it had finished holds two
+    returns = [e.value for e in acc.Scalars("eval/episodic_return")][-args.eval_episodes:]
+    last = lambda tag: acc.Scalars(tag)[-1].value  # noqa: E731
     print(f"RESULT {args.env}: {args.total_steps:,} policy steps; greedy policy {np.mean(returns):.1f} "
-          f"+- {np.std(returns):.1f} over {len(returns)} episodes; random policy {mean('eval/random_mean_return'):.1f}")
+          f"+- {np.std(returns):.1f} over {len(returns)} episodes; sampled policy "
+          f"{last(final):.1f}; random policy {last('eval/random_mean_return'):.1f}")
     print(f"run: runs/{run_name}")
     print(f"command: python tests/bench_learning.py {shlex.join(sys.argv[1:])}")
 
