@@ -180,6 +180,9 @@ class Args:
     """discount factor"""
     cont_scale: float = None  # type: ignore[assignment]
     """weight of the continue loss in the world-model loss"""
+    reward_scale: float = 1.0
+    """weight of the reward loss in the world-model loss (the Dreamers: 1): without a decoder it is the one term
+    that asks the posterior for what predicts rewards"""
     heads_on_prior: bool = None  # type: ignore[assignment]
     """also train the reward and continue heads on the prior's features [z ~ p(z | h_t), h_t], the ones imagination
     gives them (PlaNet's overshooting, Hafner et al. 2019 Sec. 4, at distance 1; the Dreamers train them on the
@@ -385,7 +388,8 @@ def validate(args: Args) -> Args:
         if getattr(args, name) <= 0:
             fail("--" + name.replace("_", "-"), f"must be positive (got {getattr(args, name)})")
     for name in ["prefill", "eval_episodes", "eval_every", "bt_lambda", "bt_scale", "noop_max", "free_nats",
-                 "entropy", "recency", "weight_decay", "kl_scale", "cont_scale", "threads", "repval_scale"]:
+                 "entropy", "recency", "weight_decay", "kl_scale", "cont_scale", "reward_scale", "threads",
+                 "repval_scale"]:
         if getattr(args, name) < 0:
             fail("--" + name.replace("_", "-"), f"must be >= 0 (got {getattr(args, name)})")
     for name in ["kl_balance", "sticky_actions", "gamma", "return_lambda", "unimix", "slow_critic_fraction"]:
@@ -1037,7 +1041,7 @@ class WorldModel(nn.Module):
 
     def loss(self, batch: dict[str, torch.Tensor], state):
         """Image log-likelihood (or the scaled Barlow Twins loss), reward and continue losses (`head_losses`; with
-        --heads-on-prior once more on the prior's features), the continue term scaled by --cont-scale, and the
+        --heads-on-prior once more on the prior's features) scaled by --reward-scale and --cont-scale, and the
         balanced KL (DreamerV2 Eq. 2). Returns (loss, h, z, last, metrics)."""
         args = self.args
         obs = preprocess(batch["obs"])
@@ -1052,7 +1056,7 @@ class WorldModel(nn.Module):
             reward, cont = reward + reward_prior, cont + cont_prior
             metrics.update({"losses/reward_prior": reward_prior, "losses/continue_prior": cont_prior})
         kl, kl_value = kl_loss(self.rssm, post, prior, args.kl_balance, args.free_nats, args.free_nats_per_step)
-        loss = representation + reward + args.cont_scale * cont + args.kl_scale * kl
+        loss = representation + args.reward_scale * reward + args.cont_scale * cont + args.kl_scale * kl
         constant = self.constant_reward_loss(batch["reward"]) * (2 if args.heads_on_prior else 1)  # as `reward`
         metrics.update({"losses/world_model": loss, "losses/reward": reward, "losses/reward_constant": constant,
                         "losses/continue": cont, "losses/kl": kl, "world/kl": kl_value,

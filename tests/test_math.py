@@ -294,3 +294,25 @@ def test_constant_reward_loss_is_the_reward_loss_of_the_best_constant_prediction
         worse = best + shift * torch.randn(best.shape) if preset == "v3" else best + shift
         assert loss(worse) > constant
     assert constant > 0 and wm.constant_reward_loss(torch.zeros(2, 4)) == 0
+
+
+@pytest.mark.parametrize("preset", ["v2", "decoder-free"])
+def test_reward_scale_weighs_the_reward_term_and_nothing_else(tiny_args, preset):
+    """--reward-scale s: the world-model loss is the default one plus (s - 1) x the reward loss, on the same
+    weights, batch and random draws, and the reward head's gradient is s times the default one."""
+    def run(scale):
+        torch.manual_seed(0)
+        agent = da.Dreamer(da.validate(tiny_args(preset=preset, reward_scale=scale)), (1, 64, 64), 4,
+                           torch.device("cpu"))
+        torch.manual_seed(1)
+        loss, _, _, _, metrics = agent.wm.loss(random_batch(), agent.train_state)
+        loss.backward()
+        return loss.detach(), metrics["losses/reward"].detach(), agent.wm.reward_head[-1].bias.grad.clone()
+
+    base, reward, grad = run(1.0)
+    scaled, reward_again, grad_scaled = run(10.0)
+    torch.testing.assert_close(reward_again, reward)
+    assert reward > 0.1
+    torch.testing.assert_close(scaled, base + 9.0 * reward)
+    torch.testing.assert_close(grad_scaled, 10.0 * grad)
+    assert grad.abs().sum() > 0
