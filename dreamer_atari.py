@@ -328,12 +328,13 @@ def known_fields(saved: dict) -> dict:
 
 
 def cli_defaults(argv: list[str]) -> Args:
-    """Defaults for tyro, resolved from the --preset, --size and --protocol found in argv, so that --help shows the
-    real values; a --train-every or --train-ratio found there keeps the other one unset. With --resume the
-    checkpoint's own args are the defaults: `--resume PATH` alone continues the run as it was."""
+    """Defaults for tyro, resolved from the --env, --preset, --size and --protocol found in argv (a MinAtar --env has
+    its own sticky actions), so that --help shows the real values; a --train-every or --train-ratio found there keeps
+    the other one unset. With --resume the checkpoint's own args are the defaults: `--resume PATH` alone continues
+    the run as it was."""
     chosen = {}
     for i, arg in enumerate(argv):
-        for field, parse in [("preset", str), ("size", str), ("protocol", str), ("wm_objective", str),
+        for field, parse in [("env", str), ("preset", str), ("size", str), ("protocol", str), ("wm_objective", str),
                              ("train_every", int), ("train_ratio", float), ("resume", str)]:
             flag = "--" + field.replace("_", "-")
             value = arg.split("=", 1)[1] if arg.startswith(flag + "=") else None
