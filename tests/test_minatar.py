@@ -56,11 +56,9 @@ def test_expected_channel_lists():
 def test_protocol_and_bad_input(tiny_args, capsys):
     assert da.validate(da.Args(env="MinAtar/Breakout")).sticky_actions == da.MINATAR_STICKY == 0.1
     assert da.validate(da.Args(env="MinAtar/Breakout", sticky_actions=0.0)).sticky_actions == 0.0
-    for argv in [["--env", "MinAtar/Breakout"], ["--env=minatar/breakout", "--size", "small"]]:  # the command line too
-        assert da.validate(tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv))).sticky_actions == 0.1
-    argv = ["--env", "MinAtar/Breakout", "--sticky-actions", "0.25"]
-    assert da.validate(tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv))).sticky_actions == 0.25
-    assert da.cli_defaults(["--env", "Pong"]).sticky_actions == 0.25
+    for argv, sticky in [(["--env", "MinAtar/Breakout"], 0.1), (["--env=minatar/breakout", "--size", "small"], 0.1),
+                         (["--env", "MinAtar/Breakout", "--sticky-actions", "0.25"], 0.25), (["--env", "Pong"], 0.25)]:
+        assert da.validate(tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv))).sticky_actions == sticky
     assert da.validate(da.Args(env="minatar/space_invaders")).env == "MinAtar/SpaceInvaders"
     for overrides, flag in [(dict(env="MinAtar/Pong"), "--env"), (dict(env="SpaceInvaders", pomdp=True), "--pomdp")]:
         with pytest.raises(SystemExit) as exit_info:
