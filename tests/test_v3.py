@@ -142,8 +142,13 @@ def test_v3_preset_values_and_the_small_size_rates():
     assert (v2.slow_critic_every, v2.slow_critic_fraction, v2.unimix, v2.cont_scale) == (20, 1.0, 0.0, 5.0)
     assert (v2.gamma, v2.entropy, v2.heads_on_prior) == (0.95, 5e-2, True) and not small.heads_on_prior
     for free in [da.Args(preset="decoder-free", size="small"), da.Args(size="small", wm_objective="barlow")]:
-        free = da.apply_preset(free)  # the decoder-free model takes v2's small rates, but not the heads on the prior
+        free = da.apply_preset(free)  # v2's small rates, but not the heads on the prior, and twice the updates
         assert (free.gamma, free.entropy, free.lr_actor, free.heads_on_prior) == (0.95, 5e-2, 1e-3, False)
+        assert (free.train_every, v2.train_every, small.train_every) == (2, 4, 4)
+    assert da.apply_preset(da.Args(preset="decoder-free")).train_every == 16  # Atari sizes: as the decoder
+    assert da.apply_preset(da.Args(preset="decoder-free", size="small", train_every=4)).train_every == 4
+    ratio = da.apply_preset(da.Args(preset="decoder-free", size="small", protocol="atari100k"))
+    assert (ratio.train_every, ratio.train_ratio) == (None, 256.0)  # a protocol's train ratio replaces it
     assert da.cli_defaults(["--size", "small", "--wm-objective=barlow"]).heads_on_prior is False
     paper = da.apply_preset(da.Args(preset="v2"))
     assert (paper.gamma, paper.entropy, paper.heads_on_prior) == (0.999, 1e-3, False)
