@@ -675,18 +675,35 @@ class ConvEncoder(nn.Module):
             mods += [nn.Conv2d(size, depth * 2**i, 4, 2), *block(norm, depth * 2**i, channels=True)]
             size = depth * 2**i
         self.net = nn.Sequential(*mods, nn.Flatten())
+        self.last = max(i for i, m in enumerate(self.net) if isinstance(m, nn.Conv2d))
         self.out_dim = depth * 8 * 2 * 2
 
     def forward(self, obs):
-        """The first conv (kernel 4, stride 2) runs as space-to-depth, then a 2x2 conv over 4x the channels: the same
-        weights and result; on the CPU, at the Catch test's sizes, its backward pass took 3-4 ms instead of oneDNN's
-        37-41 ms on one input channel.
-        Activations are channels-last, oneDNN's own layout; in NCHW each backward pass copied them into it."""
+        """Two convs run in a cheaper form with the same weights and result (checked in tests/test_math.py).
+        The first (kernel 4, stride 2) runs as space-to-depth, then a 2x2 conv over 4x the channels; on the CPU, at
+        the Catch test's sizes, its backward pass took 3-4 ms instead of oneDNN's 37-41 ms on one input channel.
+        The last (6x6 -> 2x2) runs as `patch_conv`. Activations are channels-last, oneDNN's own layout; in NCHW each
+        backward pass copied them into it."""
         first = self.net[0]
         out, inp = first.weight.shape[:2]  # kernel index 2a + p: a moves on the 2x coarser grid, p is the phase
         weight = first.weight.unflatten(2, (2, 2)).unflatten(4, (2, 2)).permute(0, 1, 3, 5, 2, 4)
         obs = F.pixel_unshuffle(obs, 2).contiguous(memory_format=torch.channels_last)  # oneDNN's layout: no copies
-        return self.net[1:](F.conv2d(obs, weight.reshape(out, 4 * inp, 2, 2), first.bias))
+        x = self.net[1:self.last](F.conv2d(obs, weight.reshape(out, 4 * inp, 2, 2), first.bias))
+        return self.net[self.last + 1:](patch_conv(x, self.net[self.last]))
+
+
+def patch_conv(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """An unpadded conv as one matmul over the input's patches (im2col): each output pixel's k x k x C patch is a
+    row, gathered from channels-last memory with the channels innermost. Where the output is a few pixels, oneDNN's
+    conv is slow on the CPU: the v2 encoder's last conv (192 -> 384 channels, 6x6 -> 2x2, 800 frames) took 0.50-0.55
+    s forward and backward, this 0.21 s (one thread; also faster at the small and tiny sizes)."""
+    k, s, n, c, size = conv.kernel_size[0], conv.stride[0], *x.shape[:2], x.shape[-1]
+    o = (size - k) // s + 1
+    x = x.permute(0, 2, 3, 1).contiguous()  # (N, H, W, C): free when x is channels-last
+    sn, sh, sw, sc = x.stride()
+    patches = x.as_strided((n, o, o, k, k, c), (sn, s * sh, s * sw, sh, sw, sc)).reshape(n * o * o, k * k * c)
+    y = F.linear(patches, conv.weight.permute(0, 2, 3, 1).reshape(conv.out_channels, -1), conv.bias)
+    return y.view(n, o, o, -1).permute(0, 3, 1, 2)  # (N, C_out, o, o), channels-last memory
 
 
 class ConvDecoder(nn.Module):

@@ -160,12 +160,13 @@ def grads_of(module, output):
     return {name: p.grad.clone() for name, p in module.named_parameters()}
 
 
-@pytest.mark.parametrize("channels", [1, 3])
-def test_encoder_and_decoder_compute_what_their_plain_layers_compute(channels):
-    """The space-to-depth first conv, the 1x1 transposed conv as a matmul and the sub-pixel last layer: same weights,
-    same outputs and same gradients as running the modules' own layers in sequence."""
+@pytest.mark.parametrize("channels,norm", [(1, False), (3, False), (1, True)])
+def test_encoder_and_decoder_compute_what_their_plain_layers_compute(channels, norm):
+    """The encoder's space-to-depth first conv and patch-matmul last conv, the decoder's 1x1 transposed conv as a
+    matmul and its sub-pixel last layer: same weights, same outputs and same gradients as running the modules' own
+    layers in sequence (the encoder also with v3's channel norm)."""
     torch.manual_seed(0)
-    encoder, decoder = da.ConvEncoder(channels, 4), da.ConvDecoder(24, channels, 4)
+    encoder, decoder = da.ConvEncoder(channels, 4, norm), da.ConvDecoder(24, channels, 4)
     obs, feat = torch.randn(3, channels, 64, 64), torch.randn(3, 24)
     plain_decoder = lambda: decoder.net(decoder.linear(feat)[..., None, None])
     for module, fast, plain in [(encoder, lambda: encoder(obs), lambda: encoder.net(obs)),
@@ -175,8 +176,9 @@ def test_encoder_and_decoder_compute_what_their_plain_layers_compute(channels):
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
         got, want = grads_of(module, fast()), grads_of(module, plain())
         assert got.keys() == want.keys()
-        for name in want:
-            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5, msg=name)
+        for name in want:  # round-off grows with the gradient's size (to ~4e-5 at 39 with the norm, before too)
+            atol = 1e-5 * max(1.0, want[name].abs().max().item())
+            torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=atol, msg=name)
 
 
 def test_optimizer_step_is_adam_with_decoupled_decay_on_matrices_only():
