@@ -641,7 +641,7 @@ class ReplayBuffer:
 def block(norm: bool, size: int, channels: bool = False) -> list[nn.Module]:
     """What follows each hidden layer: ELU (DreamerV2), or LayerNorm then SiLU (DreamerV3, Sec. 'Architecture'),
     the norm over the channels of each pixel in conv stacks."""
-    return [ChannelNorm(size) if channels else nn.LayerNorm(size), nn.SiLU()] if norm else [nn.ELU()]
+    return [ChannelNorm(size) if channels else nn.LayerNorm(size), nn.SiLU()] if norm else [nn.ELU(inplace=True)]
 
 
 class ChannelNorm(nn.LayerNorm):
