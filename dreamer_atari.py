@@ -640,7 +640,9 @@ class ReplayBuffer:
 # ----------------------------------------------------------------------------------------------------------------
 def block(norm: bool, size: int, channels: bool = False) -> list[nn.Module]:
     """What follows each hidden layer: ELU (DreamerV2), or LayerNorm then SiLU (DreamerV3, Sec. 'Architecture'),
-    the norm over the channels of each pixel in conv stacks."""
+    the norm over the channels of each pixel in conv stacks. The ELU runs in place (every layer before it is a
+    linear map or conv, whose backward does not read its output), so its backward reads the result instead of
+    recomputing exp."""
     return [ChannelNorm(size) if channels else nn.LayerNorm(size), nn.SiLU()] if norm else [nn.ELU(inplace=True)]
 
 
