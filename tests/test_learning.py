@@ -17,7 +17,8 @@ Measured on the development machine (2 CPU cores; seed 1 runs here), with `--siz
   sign flipped (the entropy bonus kept) seed 1 scores -0.98: it fails.
 - decoder-free on MinAtar Breakout, 4,000 policy steps (the small size's one update every 2 steps: 1,750
   updates): seed 1 2.23 (random 0.40), read every 1,000 steps of a 6,000-step run, where it crossed the bar between
-  2,000 (0.60) and 3,000 steps (1.68); at 6,000 steps 2.56, 4.11, 3.56 for seeds 1-3 (random 0.40, 0.43, 0.27;
+  2,000 (0.60) and 3,000 steps (1.68), and 2.81 in the suite after the encoder's patch matmul and the in-place ELU
+  (the same math, another round-off); at 6,000 steps 2.56, 4.11, 3.56 for seeds 1-3 (random 0.40, 0.43, 0.27;
   README "Decoder-free world model" has the commands). With the actor objective flipped (edited by hand) 0.00,
   with the Barlow Twins term cut (--bt-scale 0) 0.41: both fail at 4,000 steps.
 - v3 on Catch, 8,000 policy steps, with DreamerV2's decoder as `--preset v3` has it since 2026-12-05: 0.76, 0.98,
