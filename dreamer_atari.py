@@ -358,6 +358,11 @@ def cli_defaults(argv: list[str]) -> Args:
     return apply_preset(Args(**{**saved, **chosen}))
 
 
+def parse_args(argv: list[str]) -> Args:
+    """The command line's Args: tyro with the defaults `cli_defaults` resolves from the same argv."""
+    return tyro.cli(Args, args=argv, default=cli_defaults(argv))
+
+
 def help_from_docstrings() -> dict[str, str]:
     """Each Args field's docstring as one paragraph. tyro 1.0 joins a docstring's lines before removing the class
     body's indentation, so --help broke sentences at every indented line break; field metadata "help" takes
@@ -1951,4 +1956,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args, default=cli_defaults(sys.argv[1:])))
+    main(parse_args(sys.argv[1:]))

@@ -14,7 +14,6 @@ import shlex
 import sys
 
 import numpy as np
-import tyro
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -31,7 +30,7 @@ CPU_DEFAULTS = ["--cnn-depth", "16", "--deter-size", "128", "--hidden-size", "12
 
 def main(argv):
     argv = CPU_DEFAULTS + argv
-    args = tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv))
+    args = da.parse_args(argv)
     run_name = da.main(args)
     acc = EventAccumulator(os.path.join("runs", run_name))
     acc.Reload()

@@ -15,7 +15,6 @@ import time
 
 import numpy as np
 import torch
-import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dreamer_atari as da  # noqa: E402
@@ -28,7 +27,7 @@ def main(argv):
     if "--rounds" in argv:
         i = argv.index("--rounds")
         rounds, argv = int(argv[i + 1]), argv[:i] + argv[i + 2:]
-    base = tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv))
+    base = da.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and base.cuda else "cpu")
     torch.manual_seed(base.seed)
     rng = np.random.default_rng(base.seed)

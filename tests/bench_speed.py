@@ -29,7 +29,6 @@ import time
 
 import numpy as np
 import torch
-import tyro
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -60,7 +59,7 @@ def matmul_peak() -> float:
 
 def measure(argv: list[str], updates: int) -> dict:
     """One configuration, in this process: the figures as a dict."""
-    args = tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv))
+    args = da.parse_args(argv)
     args = da.validate(da.dataclasses.replace(args, prefill=max(args.prefill, args.seq_len * args.num_envs)))
     threads = da.set_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")

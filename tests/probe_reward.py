@@ -22,7 +22,6 @@ import time
 import numpy as np
 import torch
 import torch.nn.functional as F
-import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dreamer_atari as da  # noqa: E402
@@ -86,7 +85,7 @@ def main(argv: list[str]):
     updates, argv = pop_option(argv, "--updates", "3000")
     steps, argv = pop_option(argv, "--steps", "20000")
     argv = CPU_DEFAULTS + argv
-    args = da.validate(tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv)))
+    args = da.validate(da.parse_args(argv))
     da.set_threads(args.threads)
     torch.manual_seed(args.seed)
     start = time.time()

@@ -3,7 +3,6 @@
 import numpy as np
 import pytest
 import torch
-import tyro
 
 import dreamer_atari as da
 
@@ -58,7 +57,7 @@ def test_protocol_and_bad_input(tiny_args, capsys):
     assert da.validate(da.Args(env="MinAtar/Breakout", sticky_actions=0.0)).sticky_actions == 0.0
     for argv, sticky in [(["--env", "MinAtar/Breakout"], 0.1), (["--env=minatar/breakout", "--size", "small"], 0.1),
                          (["--env", "MinAtar/Breakout", "--sticky-actions", "0.25"], 0.25), (["--env", "Pong"], 0.25)]:
-        assert da.validate(tyro.cli(da.Args, args=argv, default=da.cli_defaults(argv))).sticky_actions == sticky
+        assert da.validate(da.parse_args(argv)).sticky_actions == sticky
     assert da.validate(da.Args(env="minatar/space_invaders")).env == "MinAtar/SpaceInvaders"
     for overrides, flag in [(dict(env="MinAtar/Pong"), "--env"), (dict(env="SpaceInvaders", pomdp=True), "--pomdp")]:
         with pytest.raises(SystemExit) as exit_info:
