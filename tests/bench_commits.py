@@ -9,7 +9,10 @@ then the median of --updates. Versions alternate within a round, so that machine
 --compile adds a third version, the working tree with --compile (its first update, the compile time, is printed).
 --paired instead runs both versions in one process per round, their updates alternating, and reports the median of
 the per-pair ratios: on a machine whose speed swings from one process to the next (seen here: the same update
-0.44 s in one process, 0.70 s in another), fresh processes per version compare two different machines.
+0.44 s in one process, 0.70 s in another), fresh processes per version compare two different machines. A
+process has one heap policy, and the working tree's agent sets it (`keep_freed_memory`) for both versions: --paired
+measures the update's code alone, fresh processes also what that policy saves (at v2 sizes 1.55x paired against
+1.71x fresh, 2026-12-06).
 Configurations use only flags that every version has: v2 (the preset's sizes), small and tiny (the CPU learning
 runs' and the tests' sizes, spelled out). The versions must take `Dreamer(args, obs_shape, action_dim, device)` and
 `train_step(batch)`.
