@@ -13,9 +13,9 @@ the per-pair ratios: on a machine whose speed swings from one process to the nex
 process has one heap policy, and the working tree's agent sets it (`keep_freed_memory`) for both versions: --paired
 measures the update's code alone, fresh processes also what that policy saves (at v2 sizes 1.55x paired against
 1.71x fresh, 2026-12-06).
-Configurations use only flags that every version has: v2 (the preset's sizes), small and tiny (the CPU learning
-runs' and the tests' sizes, spelled out). The versions must take `Dreamer(args, obs_shape, action_dim, device)` and
-`train_step(batch)`.
+Configurations use only flags that every version has: v2, v1 and decoder-free (the presets' sizes), small and tiny
+(the CPU learning runs' and the tests' sizes, spelled out). The versions must take
+`Dreamer(args, obs_shape, action_dim, device)` and `train_step(batch)`.
 """
 
 import importlib.util
@@ -32,7 +32,7 @@ import torch
 from bench_speed import pop_option
 
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIGS = {"v2": dict(preset="v2"), "v1": dict(preset="v1"),
+CONFIGS = {"v2": dict(preset="v2"), "v1": dict(preset="v1"), "decoder-free": dict(preset="decoder-free"),
            "small": dict(preset="v2", cnn_depth=8, deter_size=64, hidden_size=64, stoch_size=8, classes=8,
                          mlp_units=64, mlp_layers=2, batch_size=16, seq_len=16, horizon=8),
            "tiny": dict(preset="v2", cnn_depth=4, deter_size=32, hidden_size=32, stoch_size=4, classes=4,
