@@ -23,13 +23,22 @@ import dreamer_atari as da  # noqa: E402
 # flags given on the command line come after these, so they win.
 CPU_DEFAULTS = ["--cnn-depth", "16", "--deter-size", "128", "--hidden-size", "128", "--stoch-size", "16",
                 "--classes", "16", "--mlp-units", "128", "--mlp-layers", "2", "--batch-size", "16", "--seq-len", "16",
-                "--train-every", "8", "--lr-model", "6e-4", "--lr-actor", "3e-4", "--lr-critic", "3e-4",
+                "--lr-model", "6e-4", "--lr-actor", "3e-4", "--lr-critic", "3e-4",
                 "--entropy", "3e-3", "--prefill", "5000", "--buffer-size", "200000", "--eval-episodes", "10",
                 "--log-seconds", "60"]
 
 
+def cpu_argv(argv: list[str]) -> list[str]:
+    """CPU_DEFAULTS, one update every half the preset's policy steps per update (v2 and v3: 8; the decoder-free
+    model, which the presets train twice as often: 4), then argv. A train ratio, or a resumed run's own rate, is
+    left alone."""
+    preset = da.cli_defaults(argv)
+    pace = [] if preset.resume or preset.train_every is None else ["--train-every", str(preset.train_every // 2)]
+    return CPU_DEFAULTS + pace + argv
+
+
 def main(argv):
-    argv = CPU_DEFAULTS + argv
+    argv = cpu_argv(argv)
     args = da.parse_args(argv)
     run_name = da.main(args)
     acc = EventAccumulator(os.path.join("runs", run_name))

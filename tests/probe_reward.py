@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dreamer_atari as da  # noqa: E402
-from bench_learning import CPU_DEFAULTS  # noqa: E402
+from bench_learning import cpu_argv  # noqa: E402
 from bench_speed import pop_option  # noqa: E402
 
 
@@ -84,7 +84,7 @@ def evaluate(wm: da.WorldModel, data: dict[str, np.ndarray], horizons=(1, 5, 15)
 def main(argv: list[str]):
     updates, argv = pop_option(argv, "--updates", "3000")
     steps, argv = pop_option(argv, "--steps", "20000")
-    argv = CPU_DEFAULTS + argv
+    argv = cpu_argv(argv)
     args = da.validate(da.parse_args(argv))
     da.set_threads(args.threads)
     torch.manual_seed(args.seed)

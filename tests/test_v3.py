@@ -145,7 +145,6 @@ def test_v3_preset_values_and_the_small_size_rates():
         free = da.apply_preset(free)  # v2's small rates, but not the heads on the prior, and twice the updates
         assert (free.gamma, free.entropy, free.lr_actor, free.heads_on_prior) == (0.95, 5e-2, 1e-3, False)
         assert (free.train_every, v2.train_every, small.train_every) == (2, 4, 4)
-    assert da.apply_preset(da.Args(preset="decoder-free")).train_every == 16  # Atari sizes: as the decoder
     assert da.apply_preset(da.Args(preset="decoder-free", size="small", train_every=4)).train_every == 4
     ratio = da.apply_preset(da.Args(preset="decoder-free", size="small", protocol="atari100k"))
     assert (ratio.train_every, ratio.train_ratio) == (None, 256.0)  # a protocol's train ratio replaces it
@@ -155,3 +154,33 @@ def test_v3_preset_values_and_the_small_size_rates():
     explicit = da.apply_preset(da.Args(size="small", heads_on_prior=False, gamma=0.99))
     assert explicit.heads_on_prior is False and explicit.gamma == 0.99  # explicit flags win over the size
     assert da.cli_defaults(["--preset", "v3"]).unimix == 0.01
+
+
+def test_decoder_free_at_the_preset_sizes_trains_twice_as_often_with_the_reward_heads_on_the_prior():
+    for free in [da.Args(preset="decoder-free"), da.Args(wm_objective="barlow")]:
+        free = da.apply_preset(free)
+        assert (free.train_every, free.reward_scale, free.heads_on_prior, free.deter_size) == (8, 10.0, True, 600)
+    for preset, objective in [("v2", None), ("v3", None), ("v3", "barlow")]:
+        other = da.apply_preset(da.Args(preset=preset, wm_objective=objective))
+        assert (other.train_every, other.reward_scale, other.heads_on_prior) == (16, 1.0, False)
+    for size, every in [("small", 2), ("tiny", 8)]:  # the small size's own rates; tiny is only run by tests
+        free = da.apply_preset(da.Args(preset="decoder-free", size=size))
+        assert (free.train_every, free.reward_scale, free.heads_on_prior) == (every, 1.0, False)
+    mine = da.apply_preset(da.Args(preset="decoder-free", train_every=16, reward_scale=1.0, heads_on_prior=False))
+    assert (mine.train_every, mine.reward_scale, mine.heads_on_prior) == (16, 1.0, False)  # explicit flags win
+    assert da.cli_defaults(["--preset", "decoder-free"]).reward_scale == 10.0  # what --help shows
+
+
+def test_bench_learning_trains_at_half_the_presets_update_interval():
+    from bench_learning import cpu_argv
+
+    def resolved(*flags):
+        return da.apply_preset(da.parse_args(cpu_argv(["--env", "Boxing", *flags])))
+
+    free = resolved("--preset", "decoder-free")  # the flags the decoder-free Boxing and Krull rows measured
+    assert (free.train_every, free.reward_scale, free.heads_on_prior, free.deter_size) == (4, 10.0, True, 128)
+    assert resolved("--preset", "v2").train_every == resolved("--preset", "v3").train_every == 8
+    assert resolved("--preset", "decoder-free", "--train-every", "2").train_every == 2
+    ratio = resolved("--train-ratio", "64")
+    assert (ratio.train_every, ratio.train_ratio) == (None, 64.0)
+
