@@ -13,8 +13,9 @@ the per-pair ratios: on a machine whose speed swings from one process to the nex
 process has one heap policy, and the working tree's agent sets it (`keep_freed_memory`) for both versions: --paired
 measures the update's code alone, fresh processes also what that policy saves (at v2 sizes against 32688c7: 1.55x
 paired on 2026-12-05, 1.68x-1.71x fresh on 2026-12-06).
-Configurations use only flags that every version has: v2, v1 and decoder-free (the presets' sizes), small and tiny
-(the CPU learning runs' and the tests' sizes, spelled out). The versions must take
+Configurations use only flags that every version has: v2, v1 and decoder-free (the presets' sizes, as each version
+defines the preset: since fab189a decoder-free also trains the heads on the prior, which older versions cannot),
+small and tiny (the CPU learning runs' and the tests' sizes, spelled out). The versions must take
 `Dreamer(args, obs_shape, action_dim, device)` and `train_step(batch)`.
 """
 

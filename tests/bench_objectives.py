@@ -19,7 +19,9 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dreamer_atari as da  # noqa: E402
 
-OBJECTIVES = {"decoder": dict(wm_objective="decoder"), "barlow (decoder-free)": dict(wm_objective="barlow")}
+# each objective with what its preset's sizes set for it (the decoder-free model: the reward and continue heads on
+# the prior too, SIZE_RATES)
+OBJECTIVES = {"decoder": ["--wm-objective", "decoder"], "barlow (decoder-free)": ["--wm-objective", "barlow"]}
 
 
 def main(argv):
@@ -35,8 +37,8 @@ def main(argv):
     batches = [dict(obs=rng.integers(0, 255, (B, T, 1, 64, 64), dtype=np.uint8), action=rng.integers(0, 6, (B, T)),
                     reward=rng.normal(size=(B, T)).astype(np.float32), terminated=np.zeros((B, T), bool),
                     is_first=np.zeros((B, T), bool)) for _ in range(2)]
-    agents = {name: da.Dreamer(da.validate(da.dataclasses.replace(base, **kw)), (1, 64, 64), 6, device)
-              for name, kw in OBJECTIVES.items()}
+    agents = {name: da.Dreamer(da.validate(da.parse_args(argv + flags)), (1, 64, 64), 6, device)
+              for name, flags in OBJECTIVES.items()}
     times = {name: [] for name in agents}
     for agent in agents.values():
         agent.train_step(batches[0])  # warm-up
