@@ -335,11 +335,14 @@ def apply_preset(args: Args) -> Args:
 
 def known_fields(saved: dict) -> dict:
     """A checkpoint's saved args less the fields this version no longer has. Fields added since stay unset (they
-    take their preset's value), but for --decoder-norm: before it existed v3's decoder had the norm, which v3 has
-    no longer by default."""
+    take their preset's value), but for two whose old value is not their preset's now: --decoder-norm (before it
+    existed v3's decoder had the norm, which v3 has no longer by default) and --reward-scale (1 before it existed;
+    the decoder-free preset's is 10 now)."""
     fields = {k: v for k, v in saved.items() if k in Args.__dataclass_fields__}
-    if "decoder_norm" not in saved:
+    if saved and "decoder_norm" not in saved:
         fields["decoder_norm"] = saved.get("preset") == "v3"
+    if saved and "reward_scale" not in saved:
+        fields["reward_scale"] = 1.0
     return fields
 
 

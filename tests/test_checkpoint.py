@@ -108,6 +108,8 @@ def test_a_v3_checkpoint_from_before_decoder_norm_existed_resumes_with_the_norm_
     resumed = torch.load(os.path.join("runs", run_name, "dreamer_atari.cleanrl_model"), weights_only=True)
     assert resumed["counters"]["global_step"] == 300 and resumed["args"]["decoder_norm"] is True
     assert da.known_fields({"preset": "v2"})["decoder_norm"] is False
+    old_free = {"preset": "decoder-free", "heads_on_prior": False, "train_every": 16}  # saved before --reward-scale
+    assert da.apply_preset(da.Args(**da.known_fields(old_free))).reward_scale == 1.0  # not the preset's 10 now
 
 
 def test_foreign_and_tampered_files_fail_safely(tiny_args, capsys, tmp_path):
